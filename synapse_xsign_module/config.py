@@ -1,0 +1,239 @@
+"""The module's configuration: one frozen object parsed from the ``config:`` mapping.
+
+The same mapping is read from ``homeserver.yaml`` (Synapse host) and from the
+embedded host's YAML file. Unknown keys and values of the wrong type are rejected
+with a :class:`~synapse_xsign_module.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attr
+
+from synapse_xsign_module.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///data/synapse-xsign.db"
+
+_T = TypeVar("_T")
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class DatabaseConfig:
+    """Where and how the module keeps its tables.
+
+    Attributes:
+        url: SQLAlchemy URL; ``sqlite:///path`` or ``postgresql+psycopg://...``.
+        threadpool_size: threads (and pooled connections) for SQL.
+        sqlite_busy_timeout_ms: how long SQLite waits on a locked database.
+        max_attempts: attempts per transaction on serialization failure,
+            deadlock or a dropped connection.
+    """
+
+    url: str = DEFAULT_DATABASE_URL
+    threadpool_size: int = 10
+    sqlite_busy_timeout_ms: int = 5000
+    max_attempts: int = 5
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class UIAConfig:
+    """User-interactive auth as run by the embedded host.
+
+    Attributes:
+        session_timeout_ms: lifetime of a UIA session.
+        allow_dummy: offer ``m.login.dummy`` as an alternative flow.
+    """
+
+    session_timeout_ms: int = 10 * 60 * 1000
+    allow_dummy: bool = False
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class EmbeddedConfig:
+    """Settings used only by the embedded (standalone) host.
+
+    Attributes:
+        server_name: the Matrix server name of local users.
+        bind_address: address to listen on.
+        port: TCP port to listen on.
+        x_forwarded: trust ``X-Forwarded-For`` for the client address in the log.
+        access_log: write one line per request.
+    """
+
+    server_name: str = "localhost"
+    bind_address: str = "127.0.0.1"
+    port: int = 8008
+    x_forwarded: bool = False
+    access_log: bool = True
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class XSignConfig:
+    """The whole module configuration.
+
+    Attributes:
+        database: see :class:`DatabaseConfig`.
+        max_request_body_size: largest request body accepted, in bytes.
+        uia: see :class:`UIAConfig`.
+        replacement_window_ms: length of the admin-granted window in which a
+            user may replace the master key without UIA.
+        embedded: see :class:`EmbeddedConfig`.
+    """
+
+    database: DatabaseConfig = DatabaseConfig()
+    max_request_body_size: int = 8 * 1024 * 1024
+    uia: UIAConfig = UIAConfig()
+    replacement_window_ms: int = 10 * 60 * 1000
+    embedded: EmbeddedConfig = EmbeddedConfig()
+
+
+def _section(raw: Any, key: str) -> Mapping[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a mapping")
+    for name in raw:
+        if not isinstance(name, str):
+            raise ConfigError(key, f"option names must be strings, got {name!r}")
+    return raw
+
+
+def _check_known(section: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+    for name in section:
+        if name not in known:
+            path = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(
+                path, f"unknown option (known: {', '.join(sorted(known))})"
+            )
+
+
+def _get(
+    section: Mapping[str, Any], prefix: str, name: str, kind: type[_T], default: _T
+) -> _T:
+    path = f"{prefix}.{name}" if prefix else name
+    if name not in section or section[name] is None:
+        return default
+    value = section[name]
+    # bool is a subclass of int: refuse it where a number is wanted.
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(path, "must be an integer, not a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(
+            path, f"must be of type {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _positive(path: str, value: int) -> int:
+    if value <= 0:
+        raise ConfigError(path, "must be a positive integer")
+    return value
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
+    """Parse and validate the module's ``config:`` mapping.
+
+    Args:
+        raw: the mapping as loaded from YAML (``None`` means all defaults).
+
+    Returns:
+        The frozen configuration.
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type or range.
+    """
+    top = _section(raw, "config")
+    _check_known(
+        top,
+        "",
+        {
+            "database",
+            "max_request_body_size",
+            "uia",
+            "replacement_window_ms",
+            "embedded",
+        },
+    )
+
+    db_raw = _section(top.get("database"), "database")
+    _check_known(
+        db_raw,
+        "database",
+        {"url", "threadpool_size", "sqlite_busy_timeout_ms", "max_attempts"},
+    )
+    d = DatabaseConfig()
+    url = _get(db_raw, "database", "url", str, d.url)
+    if not (url.startswith(("sqlite", "postgresql"))):
+        raise ConfigError(
+            "database.url", "only sqlite:// and postgresql:// URLs are supported"
+        )
+    database = DatabaseConfig(
+        url=url,
+        threadpool_size=_positive(
+            "database.threadpool_size",
+            _get(db_raw, "database", "threadpool_size", int, d.threadpool_size),
+        ),
+        sqlite_busy_timeout_ms=_positive(
+            "database.sqlite_busy_timeout_ms",
+            _get(
+                db_raw,
+                "database",
+                "sqlite_busy_timeout_ms",
+                int,
+                d.sqlite_busy_timeout_ms,
+            ),
+        ),
+        max_attempts=_positive(
+            "database.max_attempts",
+            _get(db_raw, "database", "max_attempts", int, d.max_attempts),
+        ),
+    )
+
+    uia_raw = _section(top.get("uia"), "uia")
+    _check_known(uia_raw, "uia", {"session_timeout_ms", "allow_dummy"})
+    u = UIAConfig()
+    uia = UIAConfig(
+        session_timeout_ms=_positive(
+            "uia.session_timeout_ms",
+            _get(uia_raw, "uia", "session_timeout_ms", int, u.session_timeout_ms),
+        ),
+        allow_dummy=_get(uia_raw, "uia", "allow_dummy", bool, u.allow_dummy),
+    )
+
+    emb_raw = _section(top.get("embedded"), "embedded")
+    _check_known(
+        emb_raw,
+        "embedded",
+        {"server_name", "bind_address", "port", "x_forwarded", "access_log"},
+    )
+    e = EmbeddedConfig()
+    port = _get(emb_raw, "embedded", "port", int, e.port)
+    if not 0 <= port <= 65535:
+        raise ConfigError("embedded.port", "must be between 0 and 65535")
+    server_name = _get(emb_raw, "embedded", "server_name", str, e.server_name)
+    if not server_name or any(c in server_name for c in "@/ \t"):
+        raise ConfigError("embedded.server_name", "must be a valid server name")
+    embedded = EmbeddedConfig(
+        server_name=server_name,
+        bind_address=_get(emb_raw, "embedded", "bind_address", str, e.bind_address),
+        port=port,
+        x_forwarded=_get(emb_raw, "embedded", "x_forwarded", bool, e.x_forwarded),
+        access_log=_get(emb_raw, "embedded", "access_log", bool, e.access_log),
+    )
+
+    c = XSignConfig()
+    return XSignConfig(
+        database=database,
+        max_request_body_size=_positive(
+            "max_request_body_size",
+            _get(top, "", "max_request_body_size", int, c.max_request_body_size),
+        ),
+        uia=uia,
+        replacement_window_ms=_positive(
+            "replacement_window_ms",
+            _get(top, "", "replacement_window_ms", int, c.replacement_window_ms),
+        ),
+        embedded=embedded,
+    )

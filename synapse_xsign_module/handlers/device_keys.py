@@ -1,0 +1,298 @@
+"""``/keys/upload``, ``/keys/query`` and ``/keys/claim``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from typing import Any
+
+from synapse_xsign_module.clock import Clock
+from synapse_xsign_module.errors import Codes, MatrixError, bad_json
+from synapse_xsign_module.handlers.validation import (
+    require_dict,
+    require_signatures,
+    require_str,
+    require_str_list,
+    require_str_map,
+    server_of,
+)
+from synapse_xsign_module.host import Host, Requester
+from synapse_xsign_module.http.base import JsonDict
+from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.storage.cross_signing import (
+    MASTER,
+    SELF_SIGNING,
+    USER_SIGNING,
+)
+from synapse_xsign_module.storage.device_keys import DeviceKeyStore, OneTimeKey
+from synapse_xsign_module.storage.query import KeySnapshot, QueryStore
+
+logger = logging.getLogger(__name__)
+
+#: Listed in every ``one_time_key_counts``, as 0 when the device has none.
+DEFAULT_OTK_ALGORITHM = "signed_curve25519"
+
+
+def remote_failure(server: str) -> JsonDict:
+    """The ``failures`` entry for a server this module cannot reach."""
+    return {
+        "status": 503,
+        "errcode": Codes.UNRECOGNIZED,
+        "error": f"Keys of users on {server} are not served by this server "
+        "(no federation)",
+    }
+
+
+def _parse_key_map(value: Any, name: str) -> list[OneTimeKey]:
+    """Parse ``one_time_keys`` / ``fallback_keys``: ``alg:id`` -> key."""
+    keys = require_dict(value, name)
+    out = []
+    for full_id, key in keys.items():
+        if full_id.count(":") != 1:
+            raise bad_json(
+                f"Invalid {name} key '{full_id}'. Expected \"<algorithm>:<key_id>\"."
+            )
+        algorithm, key_id = full_id.split(":")
+        if not algorithm or not key_id:
+            raise bad_json(f"Invalid {name} key '{full_id}': empty algorithm or id")
+        if isinstance(key, dict):
+            require_str(key.get("key"), f"{name}.{full_id}.key")
+            if "signatures" in key:
+                require_signatures(key["signatures"], f"{name}.{full_id}.signatures")
+            if "fallback" in key and not isinstance(key["fallback"], bool):
+                raise bad_json(f"'{name}.{full_id}.fallback' must be a boolean")
+        elif not isinstance(key, str):
+            raise bad_json(f"'{name}.{full_id}' must be a string or a key object")
+        out.append(OneTimeKey(algorithm, key_id, canonical_json(key)))
+    return out
+
+
+def parse_device_keys(value: Any, requester: Requester) -> dict[str, Any]:
+    """Check a ``DeviceKeys`` object from ``/keys/upload``.
+
+    Only the structure is checked: the spec puts the self-signature on the
+    device, and existing clients' test suites upload placeholder signatures.
+    """
+    dk = require_dict(value, "device_keys")
+    user_id = require_str(dk.get("user_id"), "device_keys.user_id")
+    device_id = require_str(dk.get("device_id"), "device_keys.device_id")
+    require_str_list(dk.get("algorithms"), "device_keys.algorithms")
+    require_str_map(dk.get("keys"), "device_keys.keys")
+    require_signatures(dk.get("signatures"), "device_keys.signatures")
+    if user_id != requester.user_id:
+        raise bad_json(
+            "Provided `user_id` in `device_keys` does not match that of the "
+            "authenticated user"
+        )
+    if device_id != requester.device_id:
+        raise bad_json(
+            "Provided `device_id` in `device_keys` does not match that of the "
+            "authenticated user device"
+        )
+    return dk
+
+
+class DeviceKeysHandler:
+    """Device identity keys, one-time keys and fallback keys, and key queries.
+
+    Args:
+        host: the homeserver host.
+        store: device key storage.
+        query_store: the reads behind ``/keys/query``.
+        clock: the clock.
+    """
+
+    def __init__(
+        self, host: Host, store: DeviceKeyStore, query_store: QueryStore, clock: Clock
+    ) -> None:
+        self._host = host
+        self._store = store
+        self._query_store = query_store
+        self._clock = clock
+
+    async def upload(self, requester: Requester, body: JsonDict) -> JsonDict:
+        """Handle ``POST /keys/upload``.
+
+        Args:
+            requester: the caller; the token must belong to a device.
+            body: the request body.
+
+        Returns:
+            ``{"one_time_key_counts": {...}}``.
+        """
+        if requester.device_id is None:
+            raise MatrixError(
+                400,
+                Codes.UNKNOWN,
+                "To upload keys, you must pass device_id when authenticating",
+            )
+        device_keys = None
+        if "device_keys" in body:
+            device_keys = parse_device_keys(body["device_keys"], requester)
+        otks = (
+            _parse_key_map(body["one_time_keys"], "one_time_keys")
+            if body.get("one_time_keys") is not None
+            else []
+        )
+        fallbacks = (
+            _parse_key_map(body["fallback_keys"], "fallback_keys")
+            if body.get("fallback_keys") is not None
+            else []
+        )
+        algorithms = [k.algorithm for k in fallbacks]
+        if len(set(algorithms)) != len(algorithms):
+            raise bad_json("'fallback_keys' may hold only one key per algorithm")
+
+        result = await self._store.upload(
+            requester.user_id,
+            requester.device_id,
+            device_keys,
+            otks,
+            fallbacks,
+            self._clock.time_msec(),
+        )
+        if result.device_keys_changed:
+            self._host.notify_keys_changed([requester.user_id])
+        counts = dict(result.one_time_key_counts)
+        counts.setdefault(DEFAULT_OTK_ALGORITHM, 0)
+        return {"one_time_key_counts": counts}
+
+    async def query(self, requester: Requester, body: JsonDict) -> JsonDict:
+        """Handle ``POST /keys/query``.
+
+        Args:
+            requester: the caller.
+            body: ``{"device_keys": {user: [device, ...]}, "timeout": ms}``.
+
+        Returns:
+            ``device_keys``, ``master_keys``, ``self_signing_keys``,
+            ``user_signing_keys`` and ``failures``, each an object.
+        """
+        if "device_keys" not in body:
+            raise MatrixError(
+                400, Codes.BAD_JSON, "'device_keys' must be a JSON object"
+            )
+        raw = require_dict(body["device_keys"], "device_keys")
+        for devices in raw.values():
+            if not isinstance(devices, list) or not all(
+                isinstance(d, str) for d in devices
+            ):
+                raise bad_json("'device_keys' values must be a list of strings")
+        timeout = body.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float)
+        ):
+            raise bad_json("'timeout' must be a number of milliseconds")
+
+        local: dict[str, list[str]] = {}
+        failures: JsonDict = {}
+        for user_id, devices in raw.items():
+            server = server_of(user_id)
+            if server is None:
+                continue  # not a user id: ignored
+            if server == self._host.server_name:
+                local[user_id] = list(dict.fromkeys(devices))
+            else:
+                failures[server] = remote_failure(server)
+
+        snapshot = await self._query_store.fetch(local, requester.user_id)
+        names = await self._host.get_device_display_names(
+            {u: list(d) for u, d in snapshot.device_keys.items()}
+        )
+        return self._render_query(requester, local, snapshot, names, failures)
+
+    @staticmethod
+    def _render_query(
+        requester: Requester,
+        local: dict[str, list[str]],
+        snap: KeySnapshot,
+        names: dict[str, dict[str, str]],
+        failures: JsonDict,
+    ) -> JsonDict:
+        device_keys: JsonDict = {}
+        master_keys: JsonDict = {}
+        self_signing_keys: JsonDict = {}
+        user_signing_keys: JsonDict = {}
+        for user_id in local:
+            devices_out: JsonDict = {}
+            for device_id, key_json in snap.device_keys.get(user_id, {}).items():
+                obj = json.loads(key_json)
+                _merge_signatures(obj, snap.signatures.get((user_id, device_id)))
+                unsigned: JsonDict = {}
+                name = names.get(user_id, {}).get(device_id)
+                if name is not None:
+                    unsigned["device_display_name"] = name
+                obj["unsigned"] = unsigned
+                devices_out[device_id] = obj
+            device_keys[user_id] = devices_out
+
+            keys = snap.cross_signing.get(user_id, {})
+            master = keys.get(MASTER)
+            if master is not None:
+                obj = json.loads(master.key_json)
+                _merge_signatures(
+                    obj, snap.signatures.get((user_id, master.public_key))
+                )
+                master_keys[user_id] = obj
+            ssk = keys.get(SELF_SIGNING)
+            if ssk is not None:
+                self_signing_keys[user_id] = json.loads(ssk.key_json)
+            usk = keys.get(USER_SIGNING)
+            if usk is not None and user_id == requester.user_id:
+                user_signing_keys[user_id] = json.loads(usk.key_json)
+        return {
+            "device_keys": device_keys,
+            "master_keys": master_keys,
+            "self_signing_keys": self_signing_keys,
+            "user_signing_keys": user_signing_keys,
+            "failures": failures,
+        }
+
+    async def claim(self, requester: Requester, body: JsonDict) -> JsonDict:
+        """Handle ``POST /keys/claim``.
+
+        Args:
+            requester: the caller.
+            body: ``{"one_time_keys": {user: {device: algorithm}}}``.
+
+        Returns:
+            ``{"one_time_keys": {...}, "failures": {...}}``.
+        """
+        if "one_time_keys" not in body:
+            raise bad_json("'one_time_keys' must be a JSON object")
+        raw = require_dict(body["one_time_keys"], "one_time_keys")
+        claims: list[tuple[str, str, str]] = []
+        failures: JsonDict = {}
+        for user_id, devices in raw.items():
+            devices = require_dict(devices, f"one_time_keys.{user_id}")
+            for device_id, algorithm in devices.items():
+                require_str(algorithm, f"one_time_keys.{user_id}.{device_id}")
+            server = server_of(user_id)
+            if server is None:
+                continue
+            if server != self._host.server_name:
+                failures[server] = remote_failure(server)
+                continue
+            claims.extend((user_id, d, a) for d, a in devices.items())
+        claimed = await self._store.claim(claims) if claims else {}
+        return {"one_time_keys": claimed, "failures": failures}
+
+
+def _merge_signatures(obj: JsonDict, extra: list[tuple[str, str, str]] | None) -> None:
+    """Add detached signatures to a key object's ``signatures``."""
+    if not extra:
+        return
+    sigs = obj.get("signatures")
+    if not isinstance(sigs, dict):
+        sigs = {}
+        obj["signatures"] = sigs
+    grouped: dict[str, dict[str, str]] = defaultdict(dict)
+    for signer, key_id, sig in extra:
+        grouped[signer][key_id] = sig
+    for signer, entries in grouped.items():
+        existing = sigs.get(signer)
+        if not isinstance(existing, dict):
+            existing = {}
+            sigs[signer] = existing
+        existing.update(entries)

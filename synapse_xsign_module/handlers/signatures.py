@@ -1,0 +1,385 @@
+"""``/keys/signatures/upload``: signatures that make cross-signing trust flow.
+
+Accepted, by the caller's own keys only:
+
+- the caller's self-signing key over one of the caller's devices
+  (``{me: {DEVICE_ID: device keys}}``);
+- one of the caller's devices over the caller's master key
+  (``{me: {MASTER_PUB: master key}}``, signed ``ed25519:DEVICE_ID``);
+- the caller's user-signing key over another user's master key
+  (``{other: {THEIR_MASTER_PUB: their master key}}``).
+
+Each item either fails (reported in ``failures``) or has its new signatures
+stored; the items that pass are stored in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attr
+
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+
+from synapse_xsign_module.clock import Clock
+from synapse_xsign_module.errors import Codes, bad_json
+from synapse_xsign_module.handlers.crypto import has_valid_signature
+from synapse_xsign_module.handlers.validation import server_of
+from synapse_xsign_module.host import Host, Requester
+from synapse_xsign_module.http.base import JsonDict
+from synapse_xsign_module.jsonutil import strip_signatures
+from synapse_xsign_module.storage.cross_signing import (
+    MASTER,
+    SELF_SIGNING,
+    USER_SIGNING,
+    CurrentKeys,
+)
+from synapse_xsign_module.storage.signatures import (
+    Basis,
+    PendingSignature,
+    SignatureStore,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ItemFailure(Exception):
+    """One item of the upload failed."""
+
+    def __init__(self, errcode: str, error: str) -> None:
+        super().__init__(error)
+        self.errcode = errcode
+        self.error = error
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class _Check:
+    """A signature to verify, and what to store when it holds."""
+
+    item: tuple[str, str]
+    obj: dict[str, Any]
+    signer_user: str
+    key_id: str
+    public_key: str
+    pending: PendingSignature
+
+
+def _device_ed25519(device_json: str, device_id: str) -> str | None:
+    keys = json.loads(device_json).get("keys")
+    if isinstance(keys, dict):
+        value = keys.get(f"ed25519:{device_id}")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _same_content(obj: dict[str, Any], stored_json: str, what: str) -> None:
+    if strip_signatures(obj) != strip_signatures(json.loads(stored_json)):
+        raise ItemFailure(
+            Codes.INVALID_PARAM,
+            f"The signed object does not match the stored {what} (apart from "
+            "'signatures' and 'unsigned')",
+        )
+
+
+class SignatureHandler:
+    """Uploads of detached signatures.
+
+    Args:
+        host: the homeserver host.
+        store: signature storage.
+        clock: the clock.
+        crypto_pool: the pool signature verification runs in; one is made
+            (one thread per core) if omitted.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        store: SignatureStore,
+        clock: Clock,
+        crypto_pool: ThreadPool | None = None,
+    ) -> None:
+        self._host = host
+        self._store = store
+        self._clock = clock
+        self._workers = max(1, os.cpu_count() or 1)
+        self._pool = crypto_pool or ThreadPool(
+            minthreads=1, maxthreads=self._workers, name="xsign-crypto"
+        )
+
+    @property
+    def pool(self) -> ThreadPool:
+        """The verification thread pool (started and stopped by the service)."""
+        return self._pool
+
+    async def upload(self, requester: Requester, body: JsonDict) -> JsonDict:
+        """Handle ``POST /keys/signatures/upload``.
+
+        Args:
+            requester: the caller.
+            body: user id -> key id -> the complete signed object.
+
+        Returns:
+            ``{"failures": {user: {key id: {"errcode", "error"}}}}``.
+        """
+        for user_id, items in body.items():
+            if not isinstance(items, dict):
+                raise bad_json(f"'{user_id}' must map key ids to signed objects")
+            for key_id, obj in items.items():
+                if not isinstance(obj, dict):
+                    raise bad_json(f"'{user_id}.{key_id}' must be a signed JSON object")
+
+        me = requester.user_id
+        others = [u for u in body if u != me and server_of(u) == self._host.server_name]
+        own_items = body.get(me) or {}
+        context = await self._store.load_context(me, others, bool(own_items))
+        cross, my_devices = context
+
+        failures: dict[str, dict[str, JsonDict]] = {}
+        checks: list[_Check] = []
+
+        def fail(user_id: str, key_id: str, errcode: str, error: str) -> None:
+            failures.setdefault(user_id, {})[key_id] = {
+                "errcode": errcode,
+                "error": error,
+            }
+
+        for target_user, items in body.items():
+            for key_id, obj in items.items():
+                try:
+                    if target_user == me:
+                        checks.extend(
+                            self._own_item(me, key_id, obj, cross, my_devices)
+                        )
+                    else:
+                        checks.extend(
+                            self._other_item(me, target_user, key_id, obj, cross)
+                        )
+                except ItemFailure as e:
+                    fail(target_user, key_id, e.errcode, e.error)
+
+        bad_items = await self._verify(checks)
+        for target_user, key_id in sorted(bad_items):
+            fail(
+                target_user,
+                key_id,
+                Codes.INVALID_SIGNATURE,
+                "Invalid signature",
+            )
+        pending = [c for c in checks if c.item not in bad_items]
+        stale = await self._store.store(
+            [c.pending for c in pending], self._clock.time_msec()
+        )
+        for i in stale:
+            user_id, key_id = pending[i].item
+            fail(user_id, key_id, Codes.UNKNOWN, "The key changed during the upload")
+        if len(stale) < len(pending):
+            self._host.notify_keys_changed([me])
+        return {"failures": failures}
+
+    def _own_item(
+        self,
+        me: str,
+        key_id: str,
+        obj: dict[str, Any],
+        cross: CurrentKeys,
+        my_devices: dict[str, str],
+    ) -> list[_Check]:
+        mine = cross.get(me, {})
+        master = mine.get(MASTER)
+        if master is not None and key_id == master.public_key:
+            return self._device_over_master(
+                me, key_id, obj, master.key_json, my_devices
+            )
+        if key_id in my_devices:
+            ssk = mine.get(SELF_SIGNING)
+            if ssk is None:
+                raise ItemFailure(
+                    Codes.NOT_FOUND, f"No self-signing key found for {me}"
+                )
+            _same_content(obj, my_devices[key_id], f"keys of device {key_id}")
+            signer_key_id = f"ed25519:{ssk.public_key}"
+            if not isinstance(
+                obj.get("signatures", {}).get(me, {}).get(signer_key_id), str
+            ):
+                raise ItemFailure(
+                    Codes.INVALID_SIGNATURE,
+                    f"No signature by your self-signing key {signer_key_id}",
+                )
+            return [
+                _Check(
+                    (me, key_id),
+                    obj,
+                    me,
+                    signer_key_id,
+                    ssk.public_key,
+                    PendingSignature(
+                        me,
+                        signer_key_id,
+                        me,
+                        key_id,
+                        obj["signatures"][me][signer_key_id],
+                        Basis(me, SELF_SIGNING, ssk.public_key, ssk.key_json),
+                        Basis(me, "device", key_id, my_devices[key_id]),
+                    ),
+                )
+            ]
+        if master is None:
+            raise ItemFailure(
+                Codes.NOT_FOUND,
+                f"Unknown device {key_id} (and no master key found for {me})",
+            )
+        raise ItemFailure(
+            Codes.NOT_FOUND,
+            f"Unknown device or key {key_id}: neither one of your devices with keys "
+            "nor your current master key",
+        )
+
+    def _device_over_master(
+        self,
+        me: str,
+        key_id: str,
+        obj: dict[str, Any],
+        master_json: str,
+        my_devices: dict[str, str],
+    ) -> list[_Check]:
+        _same_content(obj, master_json, "master key")
+        sigs = obj.get("signatures", {}).get(me, {})
+        stored_sigs = json.loads(master_json).get("signatures", {}).get(me, {})
+        checks = []
+        for sig_key_id, sig in sigs.items():
+            algorithm, _, device_id = sig_key_id.partition(":")
+            if algorithm != "ed25519" or device_id not in my_devices:
+                continue  # not by a key the caller holds: not stored
+            if stored_sigs.get(sig_key_id) == sig:
+                continue  # part of the uploaded master itself
+            pub = _device_ed25519(my_devices[device_id], device_id)
+            if pub is None:
+                raise ItemFailure(
+                    Codes.NOT_FOUND, f"Device {device_id} has no ed25519 key"
+                )
+            checks.append(
+                _Check(
+                    (me, key_id),
+                    obj,
+                    me,
+                    sig_key_id,
+                    pub,
+                    PendingSignature(
+                        me,
+                        sig_key_id,
+                        me,
+                        key_id,
+                        sig,
+                        Basis(me, "device", device_id, my_devices[device_id]),
+                        Basis(me, MASTER, key_id, master_json),
+                    ),
+                )
+            )
+        if not checks:
+            raise ItemFailure(
+                Codes.INVALID_SIGNATURE,
+                "No signature by one of your devices on your master key",
+            )
+        return checks
+
+    def _other_item(
+        self,
+        me: str,
+        target_user: str,
+        key_id: str,
+        obj: dict[str, Any],
+        cross: CurrentKeys,
+    ) -> list[_Check]:
+        usk = cross.get(me, {}).get(USER_SIGNING)
+        if usk is None:
+            raise ItemFailure(Codes.NOT_FOUND, f"No user-signing key found for {me}")
+        server = server_of(target_user)
+        if server is None:
+            raise ItemFailure(Codes.INVALID_PARAM, f"{target_user} is not a user id")
+        if server != self._host.server_name:
+            raise ItemFailure(
+                Codes.NOT_FOUND,
+                f"The master key of {target_user} is not known here (no federation)",
+            )
+        master = cross.get(target_user, {}).get(MASTER)
+        if master is None:
+            raise ItemFailure(Codes.NOT_FOUND, f"No master key found for {target_user}")
+        if key_id != master.public_key:
+            raise ItemFailure(
+                Codes.NOT_FOUND,
+                f"Unknown key {key_id}: only the current master key of "
+                f"{target_user} can be signed",
+            )
+        _same_content(obj, master.key_json, f"master key of {target_user}")
+        signer_key_id = f"ed25519:{usk.public_key}"
+        sig = obj.get("signatures", {}).get(me, {}).get(signer_key_id)
+        if not isinstance(sig, str):
+            raise ItemFailure(
+                Codes.INVALID_SIGNATURE,
+                f"No signature by your user-signing key {signer_key_id}",
+            )
+        return [
+            _Check(
+                (target_user, key_id),
+                obj,
+                me,
+                signer_key_id,
+                usk.public_key,
+                PendingSignature(
+                    me,
+                    signer_key_id,
+                    target_user,
+                    key_id,
+                    sig,
+                    Basis(me, USER_SIGNING, usk.public_key, usk.key_json),
+                    Basis(target_user, MASTER, key_id, master.key_json),
+                ),
+            )
+        ]
+
+    async def _verify(self, checks: list[_Check]) -> set[tuple[str, str]]:
+        """Verify every signature off the reactor, spread over the cores.
+
+        Returns:
+            The items with at least one invalid signature.
+        """
+        if not checks:
+            return set()
+        if not self._pool.started:
+            self._pool.start()
+        parts = max(1, min(self._workers, len(checks) // 32 or 1))
+        size = -(-len(checks) // parts)
+        slices = [checks[i : i + size] for i in range(0, len(checks), size)]
+
+        def job(batch: list[_Check]) -> Callable[[], set[tuple[str, str]]]:
+            def run() -> set[tuple[str, str]]:
+                return {
+                    c.item
+                    for c in batch
+                    if not has_valid_signature(
+                        c.obj, c.signer_user, c.key_id, c.public_key
+                    )
+                }
+
+            return run
+
+        bad: set[tuple[str, str]] = set()
+        results = await defer.gatherResults(
+            [defer.ensureDeferred(self._run(job(batch))) for batch in slices],
+            consumeErrors=True,
+        )
+        for r in results:
+            bad |= r
+        return bad
+
+    async def _run(
+        self, fn: Callable[[], set[tuple[str, str]]]
+    ) -> set[tuple[str, str]]:
+        return await self._host.run_in_threadpool(self._pool, fn)

@@ -1,0 +1,57 @@
+"""Shape checks shared by the handlers: each failure is a 400 Matrix error."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from synapse_xsign_module.errors import bad_json
+
+# A user id: "@" localpart ":" server name (which may carry a port).
+_USER_ID_RE = re.compile(
+    r"^@[^:\s]+:([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$"
+)
+
+
+def server_of(user_id: str) -> str | None:
+    """The server name of a user id, or None if it is not a valid user id."""
+    if len(user_id) > 255 or not _USER_ID_RE.match(user_id):
+        return None
+    return user_id.split(":", 1)[1]
+
+
+def require_dict(value: Any, name: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else 400 ``M_BAD_JSON`` naming it."""
+    if not isinstance(value, dict):
+        raise bad_json(f"'{name}' must be a JSON object")
+    return value
+
+
+def require_str(value: Any, name: str) -> str:
+    """``value`` if it is a string, else 400 ``M_BAD_JSON`` naming it."""
+    if not isinstance(value, str):
+        raise bad_json(f"'{name}' must be a string")
+    return value
+
+
+def require_str_list(value: Any, name: str) -> list[str]:
+    """``value`` if it is a list of strings, else 400 ``M_BAD_JSON``."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_json(f"'{name}' must be a list of strings")
+    return value
+
+
+def require_str_map(value: Any, name: str) -> dict[str, str]:
+    """``value`` if it maps strings to strings, else 400 ``M_BAD_JSON``."""
+    obj = require_dict(value, name)
+    if not all(isinstance(v, str) for v in obj.values()):
+        raise bad_json(f"'{name}' values must be strings")
+    return obj
+
+
+def require_signatures(value: Any, name: str) -> dict[str, dict[str, str]]:
+    """``value`` if it is a signatures map (user -> key id -> string)."""
+    obj = require_dict(value, name)
+    for user, sigs in obj.items():
+        require_str_map(sigs, f"{name}.{user}")
+    return obj

@@ -1,0 +1,98 @@
+"""The narrow interface the module needs from the homeserver that hosts it.
+
+Two implementations exist: the Synapse host (``hosts/synapse.py``), over
+Synapse's ``ModuleApi``, and the embedded host (``hosts/embedded/``), a small
+standalone server with its own accounts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import attr
+
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from synapse_xsign_module.http.base import JsonDict
+
+T = TypeVar("T")
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class Requester:
+    """Who made a request.
+
+    Attributes:
+        user_id: the authenticated user.
+        device_id: the device the access token belongs to, if any.
+        is_guest: a guest account.
+        appservice_id: the application service that made the request, if any.
+        raw: the host's own requester object (the Synapse host hands it back
+            to Synapse for user-interactive auth).
+    """
+
+    user_id: str
+    device_id: str | None = None
+    is_guest: bool = False
+    appservice_id: str | None = None
+    raw: Any = attr.ib(default=None, eq=False, repr=False)
+
+
+class Host(Protocol):
+    """What the module asks of its host."""
+
+    @property
+    def server_name(self) -> str:
+        """The server name of local users."""
+
+    def register_resource(self, path: str, resource: Resource) -> None:
+        """Serve ``resource`` at ``path`` (an exact, absolute path)."""
+
+    async def authenticate(
+        self, request: Request, allow_guest: bool = True
+    ) -> Requester:
+        """Authenticate the request's access token.
+
+        Raises:
+            MatrixError: 401 ``M_MISSING_TOKEN`` / ``M_UNKNOWN_TOKEN``; 403
+                ``M_GUEST_ACCESS_FORBIDDEN`` for a guest where not allowed.
+        """
+
+    async def is_admin(self, user_id: str) -> bool:
+        """Whether ``user_id`` is a server admin."""
+
+    async def user_interactive_auth(
+        self,
+        request: Request,
+        requester: Requester,
+        body: JsonDict,
+        description: str,
+    ) -> None:
+        """Run user-interactive auth for this request; return when it is done.
+
+        Raises:
+            InteractiveAuthIncomplete: the client must complete a stage (401).
+            MatrixError: the auth failed for good (e.g. 403 for another user).
+        """
+
+    async def get_device_ids(self, user_id: str) -> set[str] | None:
+        """The user's device ids as the host knows them, or None if unknown."""
+
+    async def get_device_display_names(
+        self, user_devices: dict[str, list[str]]
+    ) -> dict[str, dict[str, str]]:
+        """Display names of the given devices that have one."""
+
+    async def run_in_threadpool(self, pool: ThreadPool, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in ``pool`` and return its result."""
+
+    def notify_keys_changed(self, user_ids: list[str]) -> None:
+        """Tell the homeserver that these users' keys changed (device lists)."""
+
+
+def pool_runner(host: Host) -> Callable[[ThreadPool, Callable[[], T]], Awaitable[T]]:
+    """Adapt :meth:`Host.run_in_threadpool` to the Database's runner shape."""
+    return host.run_in_threadpool

@@ -1,0 +1,178 @@
+"""The ``synapse-xsign`` command: run the embedded host, migrate, add users."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from synapse_xsign_module import __version__
+from synapse_xsign_module.config import XSignConfig, parse_config
+from synapse_xsign_module.errors import ConfigError
+from synapse_xsign_module.handlers.validation import server_of
+from synapse_xsign_module.hosts.embedded.accounts import upsert_user_txn
+from synapse_xsign_module.hosts.embedded.passwords import hash_password
+from synapse_xsign_module.storage import migrate
+from synapse_xsign_module.storage.database import Database
+
+logger = logging.getLogger("synapse_xsign_module")
+
+
+def load_config(path: str) -> XSignConfig:
+    """Read and parse a YAML config file holding the module's mapping.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or an invalid option.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+    return parse_config(raw)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(config: XSignConfig) -> int:
+    """Start the embedded host and serve until SIGTERM/SIGINT."""
+    from twisted.internet import reactor
+
+    from synapse_xsign_module.hosts.embedded.host import EmbeddedHost
+    from synapse_xsign_module.hosts.embedded.resources import mount_host_resources
+    from synapse_xsign_module.hosts.embedded.site import XSignSite
+
+    r: Any = reactor
+    host = EmbeddedHost(config, r)
+    host.service.start()
+    mount_host_resources(host)
+    host.service.mount()
+    emb = config.embedded
+    site = XSignSite(
+        host.root, config.max_request_body_size, emb.x_forwarded, emb.access_log
+    )
+    port = r.listenTCP(emb.port, site, interface=emb.bind_address)
+    address = port.getHost()
+    logger.info(
+        "synapse-xsign %s listening on http://%s:%d for server %s",
+        __version__,
+        address.host,
+        address.port,
+        emb.server_name,
+    )
+    r.addSystemEventTrigger("before", "shutdown", logger.info, "Shutting down")
+    r.run()
+    return 0
+
+
+def _offline_db(config: XSignConfig) -> Database:
+    return Database(config.database, reactor=None)
+
+
+def cmd_migrate(config: XSignConfig) -> int:
+    """Apply the schema migrations and print the revision."""
+    db = _offline_db(config)
+    try:
+        revision = migrate.upgrade(db.engine)
+        print(f"schema at revision {revision} ({db.describe()})")
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_register_user(config: XSignConfig, args: argparse.Namespace) -> int:
+    """Create or update an account of the embedded host."""
+    user = args.user
+    user_id = user if user.startswith("@") else f"@{user}:{config.embedded.server_name}"
+    if server_of(user_id) != config.embedded.server_name:
+        print(
+            f"error: {user_id} is not a user id on {config.embedded.server_name}",
+            file=sys.stderr,
+        )
+        return 2
+    password = args.password
+    if password is None:
+        password = getpass.getpass(f"Password for {user_id}: ")
+    if not password:
+        print("error: the password must not be empty", file=sys.stderr)
+        return 2
+    db = _offline_db(config)
+    try:
+        migrate.upgrade(db.engine)
+        _, created = db.run_in_thread(
+            "register_user",
+            True,
+            upsert_user_txn,
+            user_id,
+            int(time.time() * 1000),
+            hash_password(password),
+            args.admin,
+            None,
+        )
+    finally:
+        db.close()
+    print(
+        f"{'created' if created else 'updated'} {user_id}"
+        + (" (admin)" if args.admin else "")
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="synapse-xsign",
+        description="Matrix cross-signing key service (embedded host).",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument(
+        "-c", "--config", default="sample_config.yaml", help="YAML config file"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="serve (the default)")
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    reg = sub.add_parser("register-user", help="create or update a user")
+    reg.add_argument("user", help="user id or localpart")
+    reg.add_argument("-p", "--password", help="password (prompted if omitted)")
+    reg.add_argument(
+        "--admin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make (or, with --no-admin, unmake) a server admin",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``synapse-xsign``."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "migrate":
+        return cmd_migrate(config)
+    if args.command == "register-user":
+        return cmd_register_user(config, args)
+    return cmd_run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The embedded host: a standalone homeserver front for the module."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from synapse_xsign_module.config import XSignConfig
+from synapse_xsign_module.errors import Codes, MatrixError
+from synapse_xsign_module.host import Requester
+from synapse_xsign_module.hosts.embedded.accounts import AccountStore
+from synapse_xsign_module.hosts.embedded.host_auth import get_access_token
+from synapse_xsign_module.hosts.embedded.uia import UIASessions
+from synapse_xsign_module.http.base import JsonDict, UnrecognizedResource, put_resource
+from synapse_xsign_module.service import XSignService
+from synapse_xsign_module.storage.database import Database
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EmbeddedHost:
+    """Hosts the module in its own Twisted web server, with its own accounts.
+
+    Args:
+        config: the module configuration.
+        reactor: the reactor.
+        db: an existing Database (tests); built from the config if omitted.
+    """
+
+    def __init__(
+        self, config: XSignConfig, reactor: Any, db: Database | None = None
+    ) -> None:
+        self._config = config
+        self._reactor = reactor
+        self.root = UnrecognizedResource()
+        self.service = XSignService(config, self, reactor, db=db)
+        self.accounts = AccountStore(self.service.db)
+        self.uia = UIASessions(
+            self.service.db,
+            self.accounts,
+            config.uia,
+            self.service.clock,
+            config.embedded.server_name,
+        )
+        self.changed_users: list[str] = []
+
+    @property
+    def server_name(self) -> str:
+        """The server name of local users."""
+        return self._config.embedded.server_name
+
+    def register_resource(self, path: str, resource: Resource) -> None:
+        """Serve ``resource`` at ``path``."""
+        put_resource(self.root, path, resource)
+
+    async def authenticate(
+        self, request: Request, allow_guest: bool = True
+    ) -> Requester:
+        """Authenticate by access token (hashed lookup)."""
+        token = get_access_token(request)
+        if token is None:
+            raise MatrixError(401, Codes.MISSING_TOKEN, "Missing access token")
+        info = await self.accounts.get_token(token)
+        if info is None:
+            raise MatrixError(401, Codes.UNKNOWN_TOKEN, "Unknown access token")
+        return Requester(info.user_id, info.device_id)
+
+    async def is_admin(self, user_id: str) -> bool:
+        """Whether the account has the admin flag (and is active)."""
+        user = await self.accounts.get_user(user_id)
+        return user is not None and user.is_admin and not user.deactivated
+
+    async def user_interactive_auth(
+        self, request: Request, requester: Requester, body: JsonDict, description: str
+    ) -> None:
+        """UIA with database-backed sessions (password, optionally dummy)."""
+        await self.uia.authenticate(request, requester, body)
+
+    async def get_device_ids(self, user_id: str) -> set[str] | None:
+        """The user's devices."""
+        return set(await self.accounts.device_ids(user_id))
+
+    async def get_device_display_names(
+        self, user_devices: dict[str, list[str]]
+    ) -> dict[str, dict[str, str]]:
+        """Display names set at login."""
+        if not user_devices:
+            return {}
+        return dict(await self.accounts.display_names(user_devices))
+
+    async def run_in_threadpool(self, pool: ThreadPool, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in ``pool``."""
+        result: T = await threads.deferToThreadPool(self._reactor, pool, fn)
+        return result
+
+    def notify_keys_changed(self, user_ids: list[str]) -> None:
+        """No device-list stream here; remembered for tests and logged."""
+        self.changed_users.extend(user_ids)
+        del self.changed_users[:-1000]
+        logger.debug("Keys changed for %s", user_ids)

@@ -1,0 +1,99 @@
+"""The embedded host's web site: request size limit and access log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("synapse_xsign_module.access")
+
+
+class XSignRequest(Request):
+    """A request that stops buffering its body past the configured limit.
+
+    The JSON layer then answers 413 ``M_TOO_LARGE`` without the rest of the body
+    ever being held in memory.
+    """
+
+    max_body: int = 8 * 1024 * 1024
+
+    def __init__(self, channel: HTTPChannel, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)  # type: ignore[no-untyped-call]
+        self.xsign_body_too_large = False
+        self._body_seen = 0
+        self._start = time.monotonic()
+
+    def gotLength(self, length: int | None) -> None:
+        """Flag a declared length over the limit before any body arrives."""
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+        if length is not None and length > self.max_body:
+            self.xsign_body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Buffer body data only while under the limit."""
+        self._body_seen += len(data)
+        if self.xsign_body_too_large or self._body_seen > self.max_body:
+            self.xsign_body_too_large = True
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def client_address(self, trust_forwarded: bool) -> str:
+        """The client's address, from ``X-Forwarded-For`` when trusted."""
+        if trust_forwarded:
+            forwarded = self.getHeader(b"x-forwarded-for")
+            if forwarded:
+                return forwarded.decode("latin-1").split(",")[0].strip()
+        peer = self.getClientAddress()  # type: ignore[no-untyped-call]
+        return str(getattr(peer, "host", peer))
+
+
+class XSignSite(Site):
+    """A Site with the module's request class and a one-line access log.
+
+    Args:
+        root: the resource tree.
+        max_body: the request body limit in bytes.
+        x_forwarded: trust ``X-Forwarded-For`` for the logged client address.
+        access_log: log one line per request.
+    """
+
+    def __init__(
+        self, root: Resource, max_body: int, x_forwarded: bool, access_log: bool
+    ) -> None:
+        limit = max_body
+
+        class _Request(XSignRequest):
+            max_body = limit
+
+        super().__init__(root, requestFactory=_Request)  # type: ignore[no-untyped-call]
+        self._x_forwarded = x_forwarded
+        self._access_log = access_log
+        self.noisy = False
+
+    def log(self, request: Any) -> None:
+        """Write the access-log line (tokens in the query string are masked)."""
+        if not self._access_log or not isinstance(request, XSignRequest):
+            return
+        uri = request.uri.decode("utf-8", "replace")
+        if "access_token=" in uri:
+            base, _, query = uri.partition("?")
+            parts = [
+                "access_token=<redacted>" if p.startswith("access_token=") else p
+                for p in query.split("&")
+            ]
+            uri = base + "?" + "&".join(parts)
+        access_logger.info(
+            "%s - %s %s %d %dB %.3fs",
+            request.client_address(self._x_forwarded),
+            request.method.decode("ascii", "replace"),
+            uri,
+            request.code,
+            request.sentLength,
+            time.monotonic() - request._start,
+        )

@@ -1,0 +1,142 @@
+"""The Synapse host: the module loaded from ``modules:`` in ``homeserver.yaml``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from synapse_xsign_module.config import XSignConfig, parse_config
+from synapse_xsign_module.errors import ConfigError
+from synapse_xsign_module.host import Requester
+from synapse_xsign_module.hosts import synapse_internals
+from synapse_xsign_module.http.base import JsonDict
+from synapse_xsign_module.service import XSignService
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class SynapseHost:
+    """The Host interface over Synapse's ``ModuleApi``.
+
+    Args:
+        api: Synapse's ModuleApi (or a fake with the same members).
+        reactor: the reactor.
+    """
+
+    def __init__(self, api: Any, reactor: Any) -> None:
+        self._api = api
+        self._reactor = reactor
+
+    @property
+    def server_name(self) -> str:
+        """Synapse's server name."""
+        return str(self._api.server_name)
+
+    def register_resource(self, path: str, resource: Resource) -> None:
+        """Register through ``ModuleApi.register_web_resource``."""
+        self._api.register_web_resource(path, resource)
+
+    async def authenticate(
+        self, request: Request, allow_guest: bool = True
+    ) -> Requester:
+        """Authenticate with Synapse's ``get_user_by_req``."""
+        try:
+            raw = await self._api.get_user_by_req(request, allow_guest=allow_guest)
+        except Exception as e:
+            converted = synapse_internals.as_matrix_error(e)
+            if converted is not None:
+                raise converted from None
+            raise
+        user = getattr(raw, "user", None)
+        user_id = raw.user_id if hasattr(raw, "user_id") else user.to_string()  # type: ignore[union-attr]
+        appservice_id = getattr(raw, "app_service_id", None)
+        if appservice_id is None and getattr(raw, "app_service", None) is not None:
+            appservice_id = raw.app_service.id
+        return Requester(
+            user_id=str(user_id),
+            device_id=raw.device_id,
+            is_guest=bool(raw.is_guest),
+            appservice_id=appservice_id,
+            raw=raw,
+        )
+
+    async def is_admin(self, user_id: str) -> bool:
+        """``ModuleApi.is_user_admin``."""
+        return bool(await self._api.is_user_admin(user_id))
+
+    async def user_interactive_auth(
+        self, request: Request, requester: Requester, body: JsonDict, description: str
+    ) -> None:
+        """Synapse's own UIA, through the internals adapter."""
+        await synapse_internals.validate_user_via_ui_auth(
+            self._api, requester.raw, request, body, description
+        )
+
+    async def get_device_ids(self, user_id: str) -> set[str] | None:
+        """Unknown through the public API."""
+        return None
+
+    async def get_device_display_names(
+        self, user_devices: dict[str, list[str]]
+    ) -> dict[str, dict[str, str]]:
+        """Not available through the public API."""
+        return {}
+
+    async def run_in_threadpool(self, pool: ThreadPool, fn: Callable[[], T]) -> T:
+        """``ModuleApi.defer_to_threadpool`` where Synapse has it (log contexts)."""
+        runner = getattr(self._api, "defer_to_threadpool", None)
+        if runner is not None:
+            result: T = await runner(pool, fn)
+            return result
+        out: T = await threads.deferToThreadPool(self._reactor, pool, fn)
+        return out
+
+    def notify_keys_changed(self, user_ids: list[str]) -> None:
+        """Device-list notification comes with the Synapse integration work."""
+        logger.debug("Keys changed for %s", user_ids)
+
+
+class XSignModule:
+    """The module class named in ``homeserver.yaml``::
+
+        modules:
+          - module: synapse_xsign_module.XSignModule
+            config: {...}
+
+    Args:
+        config: the parsed configuration (from :meth:`parse_config`).
+        api: Synapse's ModuleApi.
+        reactor: the reactor (tests); Synapse's global reactor by default.
+    """
+
+    def __init__(self, config: XSignConfig, api: Any, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        synapse_internals.check_synapse_internals(api)
+        self.host = SynapseHost(api, reactor)
+        self.service = XSignService(config, self.host, reactor)
+        self.service.start()
+        self.paths = self.service.mount()
+        logger.info("synapse-xsign registered %d paths", len(self.paths))
+
+    @staticmethod
+    def parse_config(config: dict[str, Any]) -> XSignConfig:
+        """Parse the ``config:`` block; errors name the offending key."""
+        try:
+            return parse_config(config)
+        except ConfigError as e:
+            try:
+                from synapse.module_api.errors import ConfigError as SynapseConfigError
+            except ImportError:
+                raise e from None
+            raise SynapseConfigError(e.message, (e.key,)) from None

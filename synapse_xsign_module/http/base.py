@@ -1,0 +1,281 @@
+"""The JSON resource base every endpoint is built on.
+
+A :class:`JsonResource` is a Twisted leaf resource with a table of routes
+(method + regular expression over the path below its mount point). It turns
+every outcome into a JSON response with CORS headers: the handler's result,
+a :class:`~synapse_xsign_module.errors.MatrixError`, a UIA challenge, or a 500
+for anything unexpected (logged with its traceback, never leaked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import attr
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from synapse_xsign_module.errors import (
+    Codes,
+    InteractiveAuthIncomplete,
+    MatrixError,
+    bad_json,
+)
+
+logger = logging.getLogger(__name__)
+
+JsonDict = dict[str, Any]
+Handler = Callable[..., Awaitable[tuple[int, JsonDict]]]
+
+CORS_HEADERS = {
+    b"Access-Control-Allow-Origin": b"*",
+    b"Access-Control-Allow-Methods": b"GET, HEAD, POST, PUT, DELETE, OPTIONS",
+    b"Access-Control-Allow-Headers": b"X-Requested-With, Content-Type, Authorization",
+    b"Access-Control-Expose-Headers": b"Retry-After",
+}
+
+
+def set_cors_headers(request: Request) -> None:
+    """Add the CORS headers browser clients need (spec: "Web Browser Clients")."""
+    for name, value in CORS_HEADERS.items():
+        request.setHeader(name, value)
+
+
+def encode_json(body: Any) -> bytes:
+    """Compact UTF-8 JSON, the encoding of every response."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def respond(request: Request, code: int, body: JsonDict) -> None:
+    """Write a JSON response, unless the client has already gone away.
+
+    Args:
+        request: the request to answer.
+        code: HTTP status.
+        body: a JSON object.
+    """
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    payload = encode_json(body)
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(payload)).encode("ascii"))
+    request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+    set_cors_headers(request)
+    if request.method != b"HEAD":
+        request.write(payload)
+    request.finish()
+
+
+def respond_error(request: Request, error: MatrixError) -> None:
+    """Write a Matrix error body with its status."""
+    respond(request, error.code, error.to_dict())
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json_body(request: Request, max_size: int) -> JsonDict:
+    """Parse the request body as a JSON object within the size limit.
+
+    Args:
+        request: the request.
+        max_size: largest body accepted, in bytes.
+
+    Returns:
+        The JSON object (an empty body counts as ``{}``).
+
+    Raises:
+        MatrixError: 413 ``M_TOO_LARGE`` over the limit, 400 ``M_NOT_JSON``
+            for something that is not JSON, 400 ``M_BAD_JSON`` for JSON that
+            is not an object.
+    """
+    check_body_size(request, max_size)
+    content = request.content
+    if content is None:
+        return {}
+    content.seek(0)
+    raw = content.read(max_size + 1)
+    if len(raw) > max_size:
+        raise too_large(max_size)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise MatrixError(400, Codes.NOT_JSON, "Content not JSON.") from None
+    if not isinstance(body, dict):
+        raise bad_json("Content must be a JSON object.")
+    return body
+
+
+def too_large(max_size: int) -> MatrixError:
+    """The 413 error for a body over ``max_size`` bytes."""
+    return MatrixError(
+        413, Codes.TOO_LARGE, f"Request content is too large (>{max_size} bytes)"
+    )
+
+
+def check_body_size(request: Request, max_size: int) -> None:
+    """Refuse a body that is, or says it is, larger than ``max_size``.
+
+    The embedded host's request class stops buffering at the limit and flags the
+    request; behind Synapse the declared ``Content-Length`` is checked.
+    """
+    if getattr(request, "xsign_body_too_large", False):
+        raise too_large(max_size)
+    length = request.getHeader(b"content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise MatrixError(400, Codes.UNKNOWN, "Invalid Content-Length") from None
+        if declared > max_size:
+            raise too_large(max_size)
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class Route:
+    """One route of a :class:`JsonResource`.
+
+    Attributes:
+        method: HTTP method, e.g. ``POST``.
+        pattern: compiled regex matched against the path below the mount point
+            (no leading slash); named groups become handler keyword arguments.
+        handler: ``async (request, **groups) -> (status, body)``.
+    """
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+
+
+class JsonResource(Resource):
+    """A leaf resource that routes to async handlers and speaks Matrix JSON.
+
+    Subclasses (or owners) add routes with :meth:`add_route`.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._routes: list[Route] = []
+
+    def add_route(self, method: str, pattern: str, handler: Handler) -> None:
+        """Add a route.
+
+        Args:
+            method: HTTP method.
+            pattern: regex over the path below the mount point, anchored at both
+                ends automatically.
+            handler: the async handler.
+        """
+        self._routes.append(Route(method, re.compile(f"^{pattern}$"), handler))
+
+    def render(self, request: Request) -> int:
+        """Dispatch a request; always answers asynchronously with JSON."""
+        request.render_deferred = defer.ensureDeferred(  # type: ignore[attr-defined]
+            self._dispatch(request)
+        )
+        return NOT_DONE_YET
+
+    async def _dispatch(self, request: Request) -> None:
+        try:
+            method = request.method.decode("ascii")
+            if method == "OPTIONS":
+                respond(request, 200, {})
+                return
+            path = "/".join(
+                seg.decode("utf-8", "replace") for seg in request.postpath or []
+            )
+            path = path.rstrip("/") if path != "/" else ""
+            lookup = "GET" if method == "HEAD" else method
+            matched_path = False
+            for route in self._routes:
+                m = route.pattern.match(path)
+                if m is None:
+                    continue
+                matched_path = True
+                if route.method != lookup:
+                    continue
+                params = {k: unquote(v) for k, v in m.groupdict().items()}
+                code, body = await route.handler(request, **params)
+                respond(request, code, body)
+                return
+            if matched_path:
+                raise MatrixError(405, Codes.UNRECOGNIZED, "Unrecognized request")
+            raise MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
+        except MatrixError as e:
+            if e.code >= 500:
+                logger.error("%s %r failed: %s", request.method, request.uri, e)
+            respond_error(request, e)
+        except InteractiveAuthIncomplete as e:
+            respond(request, 401, e.body)
+        except defer.CancelledError:
+            logger.info("Request %r cancelled", request.uri)
+        except Exception:
+            logger.error(
+                "Unhandled error serving %s %r:\n%s",
+                request.method,
+                request.uri,
+                Failure().getTraceback(),
+            )
+            respond(
+                request,
+                500,
+                {"errcode": Codes.UNKNOWN, "error": "Internal server error"},
+            )
+
+
+class UnrecognizedResource(Resource):
+    """A path node that answers every request below it with JSON 404.
+
+    Used for the intermediate segments of the embedded host's tree (as Synapse
+    does), so that unknown paths get ``M_UNRECOGNIZED`` and not Twisted's HTML.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """Every unknown child is this node again."""
+        return self
+
+    def render(self, request: Request) -> bytes:
+        """404 ``M_UNRECOGNIZED`` (or an empty 200 for a CORS preflight)."""
+        if request.method == b"OPTIONS":
+            respond(request, 200, {})
+        else:
+            respond_error(
+                request, MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
+            )
+        return NOT_DONE_YET  # type: ignore[return-value]
+
+
+def put_resource(root: Resource, path: str, resource: Resource) -> None:
+    """Attach ``resource`` at ``path`` under ``root``, making missing nodes.
+
+    Args:
+        root: the tree's root.
+        path: an absolute path such as ``/_matrix/client/v3/keys/upload``.
+        resource: the resource to serve there.
+    """
+    segments = [s.encode("utf-8") for s in path.strip("/").split("/")]
+    node = root
+    for seg in segments[:-1]:
+        child = node.children.get(seg)
+        if child is None:
+            child = UnrecognizedResource()
+            node.putChild(seg, child)  # type: ignore[arg-type]
+        node = child
+    node.putChild(segments[-1], resource)  # type: ignore[arg-type]

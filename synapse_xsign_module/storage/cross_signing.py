@@ -1,0 +1,302 @@
+"""Cross-signing keys (master, self-signing, user-signing) and their history.
+
+Each (user, key type) has at most one current key: the row whose
+``replaced_ts`` is NULL. Replacing a key closes its row and opens a new one, and
+deletes every detached signature made by or over the old key, so that nothing
+stale is ever served. Replacing the master key with a different public key also
+retires the SSK and USK it had signed, unless new ones come in the same upload.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import attr
+from sqlalchemy import Connection, and_, delete, or_, select, update
+
+from twisted.internet import defer
+
+from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.storage.database import Database
+from synapse_xsign_module.storage.schema import (
+    cross_signing_keys,
+    replacement_grants,
+    signatures,
+)
+from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users
+
+MASTER = "master"
+SELF_SIGNING = "self_signing"
+USER_SIGNING = "user_signing"
+KEY_TYPES = (MASTER, SELF_SIGNING, USER_SIGNING)
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class StoredKey:
+    """A current cross-signing key.
+
+    Attributes:
+        key_type: ``master``, ``self_signing`` or ``user_signing``.
+        public_key: unpadded base64 ed25519 public key.
+        key_json: the uploaded object as canonical JSON.
+        uploaded_ts: when it was uploaded (ms).
+    """
+
+    key_type: str
+    public_key: str
+    key_json: str
+    uploaded_ts: int
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class NewKey:
+    """A key about to be stored.
+
+    Attributes:
+        public_key: unpadded base64 ed25519 public key.
+        key: the uploaded object.
+    """
+
+    public_key: str
+    key_json: str
+
+
+class IdentityChanged(Exception):
+    """The user's stored keys changed since the caller read them."""
+
+
+#: user id -> key type -> current key
+CurrentKeys = dict[str, dict[str, StoredKey]]
+
+
+def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
+    """The current cross-signing keys of some users."""
+    result: CurrentKeys = defaultdict(dict)
+    c = cross_signing_keys.c
+    for part in chunks(sorted(set(user_ids)), MAX_PARAMS):
+        rows = conn.execute(
+            select(
+                c.user_id, c.key_type, c.public_key, c.key_json, c.uploaded_ts
+            ).where(c.user_id.in_(list(part)), c.replaced_ts.is_(None))
+        )
+        for u, kt, pub, kj, ts in rows:
+            result[u][kt] = StoredKey(kt, pub, kj, ts)
+    return dict(result)
+
+
+def _retire_txn(
+    conn: Connection, user_id: str, old: StoredKey, now_ms: int, reason: str
+) -> None:
+    c = cross_signing_keys.c
+    conn.execute(
+        update(cross_signing_keys)
+        .where(
+            c.user_id == user_id, c.key_type == old.key_type, c.replaced_ts.is_(None)
+        )
+        .values(replaced_ts=now_ms, replaced_reason=reason)
+    )
+    s = signatures.c
+    conn.execute(
+        delete(signatures).where(
+            or_(
+                and_(
+                    s.signer_user_id == user_id,
+                    s.signer_key_id == f"ed25519:{old.public_key}",
+                ),
+                and_(s.target_user_id == user_id, s.target_key_id == old.public_key),
+            )
+        )
+    )
+
+
+def replace_keys_txn(
+    conn: Connection,
+    user_id: str,
+    expected: dict[str, str | None],
+    new_keys: dict[str, NewKey],
+    now_ms: int,
+) -> None:
+    """Store a set of new cross-signing keys atomically.
+
+    Args:
+        conn: the connection.
+        user_id: the owner.
+        expected: key type -> canonical JSON of the current key (or None) that
+            the caller based its decision (UIA, signature checks) on.
+        new_keys: key type -> the new key.
+        now_ms: the time.
+
+    Raises:
+        IdentityChanged: another upload changed the keys meanwhile; nothing
+            was stored.
+    """
+    lock_users(conn, [user_id])
+    current = get_current_txn(conn, [user_id]).get(user_id, {})
+    for kt in KEY_TYPES:
+        have = current.get(kt)
+        if (have.key_json if have else None) != expected.get(kt):
+            raise IdentityChanged(user_id)
+
+    old_master = current.get(MASTER)
+    new_master = new_keys.get(MASTER)
+    master_changed = (
+        new_master is not None
+        and old_master is not None
+        and old_master.public_key != new_master.public_key
+    )
+    for kt in KEY_TYPES:
+        old = current.get(kt)
+        new = new_keys.get(kt)
+        if new is not None:
+            if old is not None and old.key_json == new.key_json:
+                continue
+            if old is not None:
+                _retire_txn(conn, user_id, old, now_ms, "replaced")
+            conn.execute(
+                cross_signing_keys.insert().values(
+                    user_id=user_id,
+                    key_type=kt,
+                    public_key=new.public_key,
+                    key_json=new.key_json,
+                    uploaded_ts=now_ms,
+                )
+            )
+        elif old is not None and master_changed:
+            # The old SSK/USK was signed by the old master: it no longer chains.
+            _retire_txn(conn, user_id, old, now_ms, "master_replaced")
+    if new_master is not None and (
+        old_master is None or old_master.key_json != new_master.key_json
+    ):
+        # A new master closes any admin-granted replacement window.
+        conn.execute(
+            delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
+        )
+
+
+def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
+    """Retire every current cross-signing key of a user (admin reset).
+
+    Returns:
+        How many keys were retired.
+    """
+    lock_users(conn, [user_id])
+    current = get_current_txn(conn, [user_id]).get(user_id, {})
+    for old in current.values():
+        _retire_txn(conn, user_id, old, now_ms, "reset")
+    conn.execute(
+        delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
+    )
+    return len(current)
+
+
+def get_grant_txn(conn: Connection, user_id: str) -> int | None:
+    """Expiry (ms) of the user's UIA-free replacement window, if any."""
+    return conn.execute(
+        select(replacement_grants.c.expires_ts).where(
+            replacement_grants.c.user_id == user_id
+        )
+    ).scalar()
+
+
+def set_grant_txn(
+    conn: Connection, user_id: str, expires_ts: int, granted_by: str, now_ms: int
+) -> bool:
+    """Open (or extend) the replacement window; False when there is no master."""
+    current = get_current_txn(conn, [user_id]).get(user_id, {})
+    if MASTER not in current:
+        return False
+    conn.execute(
+        delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
+    )
+    conn.execute(
+        replacement_grants.insert().values(
+            user_id=user_id,
+            expires_ts=expires_ts,
+            granted_by=granted_by,
+            granted_ts=now_ms,
+        )
+    )
+    return True
+
+
+def current_public_keys_txn(conn: Connection, user_id: str) -> set[str]:
+    """Public keys of the user's current cross-signing keys."""
+    c = cross_signing_keys.c
+    return set(
+        conn.execute(
+            select(c.public_key).where(c.user_id == user_id, c.replaced_ts.is_(None))
+        ).scalars()
+    )
+
+
+class CrossSigningStore:
+    """Cross-signing key storage; each call is one transaction.
+
+    Args:
+        db: the module's database.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def get_current(self, user_ids: list[str]) -> defer.Deferred[CurrentKeys]:
+        """See :func:`get_current_txn`."""
+        return self._db.run_read("get_cross_signing_keys", get_current_txn, user_ids)
+
+    def get_state(
+        self, user_id: str
+    ) -> defer.Deferred[tuple[dict[str, StoredKey], int | None]]:
+        """The user's current keys and replacement-window expiry, in one read."""
+
+        def txn(conn: Connection) -> tuple[dict[str, StoredKey], int | None]:
+            keys = get_current_txn(conn, [user_id]).get(user_id, {})
+            return keys, get_grant_txn(conn, user_id)
+
+        return self._db.run_read("get_cross_signing_state", txn)
+
+    def replace_keys(
+        self,
+        user_id: str,
+        expected: dict[str, str | None],
+        new_keys: dict[str, NewKey],
+        now_ms: int,
+    ) -> defer.Deferred[None]:
+        """See :func:`replace_keys_txn`."""
+        return self._db.run(
+            "replace_cross_signing_keys",
+            replace_keys_txn,
+            user_id,
+            expected,
+            new_keys,
+            now_ms,
+        )
+
+    def set_grant(
+        self, user_id: str, expires_ts: int, granted_by: str, now_ms: int
+    ) -> defer.Deferred[bool]:
+        """See :func:`set_grant_txn`."""
+        return self._db.run(
+            "set_replacement_grant",
+            set_grant_txn,
+            user_id,
+            expires_ts,
+            granted_by,
+            now_ms,
+        )
+
+    def reset(self, user_id: str, now_ms: int) -> defer.Deferred[int]:
+        """See :func:`reset_txn`."""
+        return self._db.run("reset_cross_signing", reset_txn, user_id, now_ms)
+
+
+__all__ = [
+    "KEY_TYPES",
+    "MASTER",
+    "SELF_SIGNING",
+    "USER_SIGNING",
+    "CrossSigningStore",
+    "IdentityChanged",
+    "NewKey",
+    "StoredKey",
+    "canonical_json",
+]

@@ -1,0 +1,304 @@
+"""The Database: one transaction per unit of work, run in a dedicated thread pool.
+
+Every store method hands a function ``fn(conn, *args)`` to :meth:`Database.run`.
+It runs in the database thread pool (never on the reactor thread) inside one
+transaction, and is retried a bounded number of times when the database reports
+a serialization failure or deadlock (PostgreSQL ``40001`` / ``40P01``), a
+locked database (SQLite) or a dropped connection. ``fn`` must therefore be safe
+to run again from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from twisted.internet import defer, threads
+from twisted.python import threadable
+from twisted.python.threadpool import ThreadPool
+
+from synapse_xsign_module.config import DatabaseConfig
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# PostgreSQL SQLSTATEs worth retrying: serialization_failure, deadlock_detected.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+#: Runs a function in a thread pool and returns an awaitable of its result. The
+#: embedded host uses Twisted's deferToThreadPool; inside Synapse the module uses
+#: ``ModuleApi.defer_to_threadpool`` so that Synapse's log contexts stay right.
+PoolRunner = Callable[[ThreadPool, Callable[[], T]], Awaitable[T]]
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed transaction may be retried from the start.
+
+    Args:
+        exc: the exception the transaction raised.
+
+    Returns:
+        True for serialization failures, deadlocks, a locked SQLite database
+        and connections that dropped; False for everything else.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return True
+    if sqlstate is not None and str(sqlstate).startswith("08"):
+        # connection_exception class: the server went away mid-transaction.
+        return True
+    if isinstance(exc, OperationalError):
+        text = str(orig).lower()
+        return (
+            "database is locked" in text
+            or "server closed the connection" in text
+            or "connection" in text
+            and ("closed" in text or "lost" in text or "terminat" in text)
+        )
+    return False
+
+
+def create_db_engine(config: DatabaseConfig) -> Engine:
+    """Build the SQLAlchemy engine for a database URL.
+
+    SQLite files get WAL mode, a busy timeout and foreign keys; write
+    transactions start with ``BEGIN IMMEDIATE`` so that two writers queue on the
+    busy timeout instead of failing to upgrade a read lock. A missing parent
+    directory of the SQLite file is created.
+
+    Args:
+        config: the database section of the configuration.
+
+    Returns:
+        The engine.
+    """
+    url = make_url(config.url)
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        in_memory = database in ("", ":memory:")
+        if not in_memory:
+            parent = os.path.dirname(os.path.abspath(database))
+            os.makedirs(parent, exist_ok=True)
+        busy_s = config.sqlite_busy_timeout_ms / 1000.0
+        kwargs: dict[str, Any] = {
+            "connect_args": {"check_same_thread": False, "timeout": busy_s},
+        }
+        if in_memory:
+            kwargs["poolclass"] = StaticPool
+        else:
+            kwargs["pool_size"] = config.threadpool_size
+            kwargs["max_overflow"] = 0
+        engine = create_engine(url, **kwargs)
+        _setup_sqlite(engine, config.sqlite_busy_timeout_ms, wal=not in_memory)
+        return engine
+
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in (
+        "psycopg2",
+        "",
+    ):
+        # A bare postgresql:// URL means psycopg 3, the driver we ship with.
+        url = url.set(drivername="postgresql+psycopg")
+    return create_engine(
+        url,
+        pool_size=config.threadpool_size,
+        max_overflow=0,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+    )
+
+
+def _setup_sqlite(engine: Engine, busy_timeout_ms: int, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event decide how transactions start.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        if wal:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("xsign_write", True)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class Database:
+    """SQL access for the module: transactions in a dedicated thread pool.
+
+    Args:
+        config: the database section of the configuration.
+        reactor: the reactor that results are delivered to.
+        runner: how to run a function in the pool; defaults to
+            :func:`twisted.internet.threads.deferToThreadPool`.
+        engine: an existing engine (tests); built from ``config`` if omitted.
+    """
+
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        reactor: Any,
+        runner: PoolRunner[Any] | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self._config = config
+        self._reactor = reactor
+        self.engine = engine or create_db_engine(config)
+        self._pool = ThreadPool(
+            minthreads=1, maxthreads=config.threadpool_size, name="xsign-db"
+        )
+        self._runner: PoolRunner[Any] = runner or self._default_runner
+        self._started = False
+        self._shutdown_trigger: Any = None
+        self.max_attempts = config.max_attempts
+        #: Counters for the metrics endpoint and tests.
+        self.retries = 0
+        self.transactions = 0
+        self._lock = threading.Lock()
+
+    @property
+    def engine_name(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    def describe(self) -> str:
+        """The database URL with any password hidden, for logs."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def start(self) -> None:
+        """Start the thread pool and stop it when the reactor shuts down."""
+        if self._started:
+            return
+        self._pool.start()
+        self._started = True
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "during", "shutdown", self.close
+        )
+
+    def close(self) -> None:
+        """Stop the thread pool and close every pooled connection."""
+        if self._started:
+            self._started = False
+            self._pool.stop()
+            if self._shutdown_trigger is not None:
+                try:
+                    self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                except (ValueError, KeyError):
+                    pass  # already fired: we are being called by it
+                self._shutdown_trigger = None
+        self.engine.dispose()
+
+    def _default_runner(self, pool: ThreadPool, fn: Callable[[], T]) -> Awaitable[T]:
+        return threads.deferToThreadPool(self._reactor, pool, fn)
+
+    def run(
+        self,
+        desc: str,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        """Run ``fn(conn, *args, **kwargs)`` as one write transaction.
+
+        Args:
+            desc: a short name for logs.
+            fn: the unit of work; it may run more than once.
+            *args: passed to ``fn``.
+            **kwargs: passed to ``fn``.
+
+        Returns:
+            A Deferred firing with what ``fn`` returned.
+        """
+        return self._run(desc, True, fn, *args, **kwargs)
+
+    def run_read(
+        self,
+        desc: str,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        """Like :meth:`run`, for a transaction that only reads."""
+        return self._run(desc, False, fn, *args, **kwargs)
+
+    def _run(
+        self,
+        desc: str,
+        write: bool,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> defer.Deferred[T]:
+        if not self._started:
+            self.start()
+
+        def work() -> T:
+            return self.run_in_thread(desc, write, fn, *args, **kwargs)
+
+        return defer.ensureDeferred(self._await(work))
+
+    async def _await(self, work: Callable[[], T]) -> T:
+        result: T = await self._runner(self._pool, work)
+        return result
+
+    def run_in_thread(
+        self,
+        desc: str,
+        write: bool,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run one transaction with retries in the calling thread.
+
+        Used by :meth:`run` from the pool, and directly by command-line tools
+        that have no reactor. Refuses to run on the reactor thread.
+        """
+        if threadable.isInIOThread() and self._reactor is not None:
+            raise RuntimeError(f"SQL transaction {desc!r} on the reactor thread")
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.engine.connect() as conn:
+                    conn.execution_options(xsign_write=write)
+                    with conn.begin():
+                        result = fn(conn, *args, **kwargs)
+                with self._lock:
+                    self.transactions += 1
+                return result
+            except Exception as e:
+                if attempt >= self.max_attempts or not is_retryable(e):
+                    raise
+                with self._lock:
+                    self.retries += 1
+                delay = min(0.5, 0.01 * (2 ** (attempt - 1))) * (0.5 + random.random())
+                logger.warning(
+                    "Transaction %s failed (attempt %d of %d), retrying in %.3fs: %s",
+                    desc,
+                    attempt,
+                    self.max_attempts,
+                    delay,
+                    e,
+                )
+                time.sleep(delay)

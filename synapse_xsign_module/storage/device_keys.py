@@ -1,0 +1,458 @@
+"""Device identity keys, one-time keys and fallback keys.
+
+Functions ending in ``_txn`` run inside a transaction the caller owns, so that
+other stores (the embedded host's logout, the admin API) can compose them into
+one transaction. :class:`DeviceKeyStore` wraps them for the handlers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import attr
+from sqlalchemy import Connection, and_, delete, func, or_, select, tuple_, update
+
+from twisted.internet import defer
+
+from synapse_xsign_module.errors import Codes, MatrixError
+from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.storage.database import Database
+from synapse_xsign_module.storage.schema import (
+    device_keys,
+    fallback_keys,
+    one_time_keys,
+    signatures,
+)
+from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users
+
+#: user id -> device id -> key id -> key (a string or a key object)
+ClaimResult = dict[str, dict[str, dict[str, Any]]]
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class OneTimeKey:
+    """A one-time or fallback key as uploaded.
+
+    Attributes:
+        algorithm: e.g. ``signed_curve25519``.
+        key_id: the part after the colon.
+        key_json: canonical JSON of the value (a string or an object).
+    """
+
+    algorithm: str
+    key_id: str
+    key_json: str
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class UploadResult:
+    """What an upload changed.
+
+    Attributes:
+        device_keys_changed: the device's identity keys are new or different.
+        one_time_key_counts: unclaimed one-time keys per algorithm afterwards.
+    """
+
+    device_keys_changed: bool
+    one_time_key_counts: dict[str, int]
+
+
+def _otk_equal(old_json: str, new_json: str) -> bool:
+    """Same one-time key, ignoring a different signature on a signed key."""
+    if old_json == new_json:
+        return True
+    old, new = json.loads(old_json), json.loads(new_json)
+    if isinstance(old, dict) and isinstance(new, dict):
+        old.pop("signatures", None)
+        new.pop("signatures", None)
+        return bool(old == new)
+    return False
+
+
+def delete_signatures_on_device_txn(
+    conn: Connection, user_id: str, device_id: str
+) -> None:
+    """Drop every signature made over, or by, a device's keys."""
+    conn.execute(
+        delete(signatures).where(
+            or_(
+                and_(
+                    signatures.c.target_user_id == user_id,
+                    signatures.c.target_key_id == device_id,
+                ),
+                and_(
+                    signatures.c.signer_user_id == user_id,
+                    signatures.c.signer_key_id == f"ed25519:{device_id}",
+                ),
+            )
+        )
+    )
+
+
+def upload_txn(
+    conn: Connection,
+    user_id: str,
+    device_id: str,
+    new_device_keys: dict[str, Any] | None,
+    otks: list[OneTimeKey],
+    fallbacks: list[OneTimeKey],
+    now_ms: int,
+) -> UploadResult:
+    """Store a device's uploaded keys (the body of ``/keys/upload``).
+
+    Raises:
+        MatrixError: 400 when a one-time key id is re-used with other content;
+            the transaction then rolls back and nothing is stored.
+    """
+    changed = False
+    if new_device_keys is not None:
+        new_json = canonical_json(new_device_keys)
+        old_json = conn.execute(
+            select(device_keys.c.key_json).where(
+                device_keys.c.user_id == user_id, device_keys.c.device_id == device_id
+            )
+        ).scalar()
+        if old_json != new_json:
+            changed = True
+            lock_users(conn, [user_id])
+            if old_json is None:
+                conn.execute(
+                    device_keys.insert().values(
+                        user_id=user_id,
+                        device_id=device_id,
+                        key_json=new_json,
+                        ts_added_ms=now_ms,
+                    )
+                )
+            else:
+                conn.execute(
+                    update(device_keys)
+                    .where(
+                        device_keys.c.user_id == user_id,
+                        device_keys.c.device_id == device_id,
+                    )
+                    .values(key_json=new_json, ts_added_ms=now_ms)
+                )
+                # Signatures over the old keys (and by the old key) no longer hold.
+                delete_signatures_on_device_txn(conn, user_id, device_id)
+
+    if otks:
+        existing: dict[tuple[str, str], str] = {}
+        pairs = sorted({(k.algorithm, k.key_id) for k in otks})
+        for part in chunks(pairs, MAX_PARAMS // 2):
+            rows = conn.execute(
+                select(
+                    one_time_keys.c.algorithm,
+                    one_time_keys.c.key_id,
+                    one_time_keys.c.key_json,
+                ).where(
+                    one_time_keys.c.user_id == user_id,
+                    one_time_keys.c.device_id == device_id,
+                    tuple_(one_time_keys.c.algorithm, one_time_keys.c.key_id).in_(
+                        list(part)
+                    ),
+                )
+            )
+            for alg, kid, kjson in rows:
+                existing[(alg, kid)] = kjson
+        to_insert = []
+        seen: dict[tuple[str, str], str] = {}
+        for k in otks:
+            ident = (k.algorithm, k.key_id)
+            old = existing.get(ident) or seen.get(ident)
+            if old is not None:
+                if not _otk_equal(old, k.key_json):
+                    raise MatrixError(
+                        400,
+                        Codes.INVALID_PARAM,
+                        f"One time key {k.algorithm}:{k.key_id} already exists "
+                        "with different content",
+                    )
+                continue
+            seen[ident] = k.key_json
+            to_insert.append(
+                {
+                    "user_id": user_id,
+                    "device_id": device_id,
+                    "algorithm": k.algorithm,
+                    "key_id": k.key_id,
+                    "key_json": k.key_json,
+                    "ts_added_ms": now_ms,
+                }
+            )
+        if to_insert:
+            conn.execute(one_time_keys.insert(), to_insert)
+
+    for fb in fallbacks:
+        old_fb = conn.execute(
+            select(fallback_keys.c.key_id, fallback_keys.c.key_json).where(
+                fallback_keys.c.user_id == user_id,
+                fallback_keys.c.device_id == device_id,
+                fallback_keys.c.algorithm == fb.algorithm,
+            )
+        ).first()
+        if old_fb is not None and (old_fb.key_id, old_fb.key_json) == (
+            fb.key_id,
+            fb.key_json,
+        ):
+            continue  # identical: keep its used/unused state
+        if old_fb is None:
+            conn.execute(
+                fallback_keys.insert().values(
+                    user_id=user_id,
+                    device_id=device_id,
+                    algorithm=fb.algorithm,
+                    key_id=fb.key_id,
+                    key_json=fb.key_json,
+                    used=False,
+                )
+            )
+        else:
+            conn.execute(
+                update(fallback_keys)
+                .where(
+                    fallback_keys.c.user_id == user_id,
+                    fallback_keys.c.device_id == device_id,
+                    fallback_keys.c.algorithm == fb.algorithm,
+                )
+                .values(key_id=fb.key_id, key_json=fb.key_json, used=False)
+            )
+
+    return UploadResult(changed, count_one_time_keys_txn(conn, user_id, device_id))
+
+
+def count_one_time_keys_txn(
+    conn: Connection, user_id: str, device_id: str
+) -> dict[str, int]:
+    """Unclaimed one-time keys of a device, per algorithm."""
+    rows = conn.execute(
+        select(one_time_keys.c.algorithm, func.count())
+        .where(
+            one_time_keys.c.user_id == user_id,
+            one_time_keys.c.device_id == device_id,
+        )
+        .group_by(one_time_keys.c.algorithm)
+    )
+    return {alg: int(n) for alg, n in rows}
+
+
+def get_device_keys_txn(
+    conn: Connection, query: dict[str, list[str]]
+) -> dict[str, dict[str, str]]:
+    """Stored device keys (canonical JSON) for users and devices.
+
+    Args:
+        conn: the connection.
+        query: user id -> device ids; an empty list means every device.
+
+    Returns:
+        user id -> device id -> key JSON, for the devices that have keys.
+    """
+    result: dict[str, dict[str, str]] = defaultdict(dict)
+    all_users = sorted(u for u, devs in query.items() if not devs)
+    for part in chunks(all_users, MAX_PARAMS):
+        rows = conn.execute(
+            select(
+                device_keys.c.user_id, device_keys.c.device_id, device_keys.c.key_json
+            ).where(device_keys.c.user_id.in_(list(part)))
+        )
+        for u, d, kj in rows:
+            result[u][d] = kj
+    pairs = sorted({(u, d) for u, devs in query.items() for d in devs})
+    for part2 in chunks(pairs, MAX_PARAMS // 2):
+        rows = conn.execute(
+            select(
+                device_keys.c.user_id, device_keys.c.device_id, device_keys.c.key_json
+            ).where(
+                tuple_(device_keys.c.user_id, device_keys.c.device_id).in_(list(part2))
+            )
+        )
+        for u, d, kj in rows:
+            result[u][d] = kj
+    return dict(result)
+
+
+def claim_txn(conn: Connection, claims: list[tuple[str, str, str]]) -> ClaimResult:
+    """Hand out one key per (user, device, algorithm), oldest first.
+
+    A claimed one-time key is deleted, so it is never handed out again: a
+    concurrent claimer that loses the race for a key picks the next one. With
+    no one-time key left, the fallback key is returned and marked used.
+
+    Args:
+        conn: the connection.
+        claims: (user id, device id, algorithm) triples.
+
+    Returns:
+        user id -> device id -> ``algorithm:key_id`` -> key.
+    """
+    result: ClaimResult = {}
+    remaining = sorted(set(claims))
+    # Each round claims the oldest key of every remaining triple. A triple whose
+    # key a concurrent transaction took meanwhile goes round again; a triple
+    # with no one-time key left gets its fallback key.
+    for _ in range(50):
+        if not remaining:
+            break
+        wanted = _oldest_one_time_keys(conn, remaining)
+        got: set[tuple[str, str, str]] = set()
+        for part_ids in chunks(sorted(wanted), MAX_PARAMS):
+            rows = conn.execute(
+                delete(one_time_keys)
+                .where(one_time_keys.c.id.in_(list(part_ids)))
+                .returning(
+                    one_time_keys.c.user_id,
+                    one_time_keys.c.device_id,
+                    one_time_keys.c.algorithm,
+                    one_time_keys.c.key_id,
+                    one_time_keys.c.key_json,
+                )
+            )
+            for u, d, alg, kid, kjson in rows:
+                result.setdefault(u, {}).setdefault(d, {})[f"{alg}:{kid}"] = json.loads(
+                    kjson
+                )
+                got.add((u, d, alg))
+        with_candidates = set(wanted.values())
+        _claim_fallbacks(conn, sorted(set(remaining) - with_candidates), result)
+        remaining = sorted(with_candidates - got)
+    return result
+
+
+def _oldest_one_time_keys(
+    conn: Connection, triples: list[tuple[str, str, str]]
+) -> dict[int, tuple[str, str, str]]:
+    """Row id of the oldest one-time key of each triple that has one."""
+    wanted: dict[int, tuple[str, str, str]] = {}
+    otk = one_time_keys.c
+    for part in chunks(triples, MAX_PARAMS // 3):
+        ranked = (
+            select(
+                otk.id,
+                otk.user_id,
+                otk.device_id,
+                otk.algorithm,
+                func.row_number()
+                .over(
+                    partition_by=(otk.user_id, otk.device_id, otk.algorithm),
+                    order_by=otk.id,
+                )
+                .label("rn"),
+            )
+            .where(tuple_(otk.user_id, otk.device_id, otk.algorithm).in_(list(part)))
+            .subquery()
+        )
+        rows = conn.execute(
+            select(
+                ranked.c.id, ranked.c.user_id, ranked.c.device_id, ranked.c.algorithm
+            ).where(ranked.c.rn == 1)
+        )
+        for row in rows:
+            wanted[row.id] = (row.user_id, row.device_id, row.algorithm)
+    return wanted
+
+
+def _claim_fallbacks(
+    conn: Connection, triples: list[tuple[str, str, str]], result: ClaimResult
+) -> None:
+    for part in chunks(triples, MAX_PARAMS // 3):
+        rows = conn.execute(
+            update(fallback_keys)
+            .where(
+                tuple_(
+                    fallback_keys.c.user_id,
+                    fallback_keys.c.device_id,
+                    fallback_keys.c.algorithm,
+                ).in_(list(part))
+            )
+            .values(used=True)
+            .returning(
+                fallback_keys.c.user_id,
+                fallback_keys.c.device_id,
+                fallback_keys.c.algorithm,
+                fallback_keys.c.key_id,
+                fallback_keys.c.key_json,
+            )
+        )
+        for u, d, alg, kid, kjson in rows:
+            result.setdefault(u, {}).setdefault(d, {})[f"{alg}:{kid}"] = json.loads(
+                kjson
+            )
+
+
+def delete_device_txn(conn: Connection, user_id: str, device_id: str) -> bool:
+    """Remove a device's keys, one-time keys, fallback keys and signatures.
+
+    Returns:
+        Whether the device had identity keys.
+    """
+    had = conn.execute(
+        delete(device_keys).where(
+            device_keys.c.user_id == user_id, device_keys.c.device_id == device_id
+        )
+    ).rowcount
+    for table in (one_time_keys, fallback_keys):
+        conn.execute(
+            delete(table).where(
+                table.c.user_id == user_id, table.c.device_id == device_id
+            )
+        )
+    delete_signatures_on_device_txn(conn, user_id, device_id)
+    return bool(had)
+
+
+def device_ids_with_keys_txn(conn: Connection, user_id: str) -> set[str]:
+    """Ids of the user's devices that have identity keys."""
+    return set(
+        conn.execute(
+            select(device_keys.c.device_id).where(device_keys.c.user_id == user_id)
+        ).scalars()
+    )
+
+
+class DeviceKeyStore:
+    """Device key storage for the handlers; each call is one transaction.
+
+    Args:
+        db: the module's database.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def upload(
+        self,
+        user_id: str,
+        device_id: str,
+        new_device_keys: dict[str, Any] | None,
+        otks: list[OneTimeKey],
+        fallbacks: list[OneTimeKey],
+        now_ms: int,
+    ) -> defer.Deferred[UploadResult]:
+        """See :func:`upload_txn`."""
+        return self._db.run(
+            "upload_keys",
+            upload_txn,
+            user_id,
+            device_id,
+            new_device_keys,
+            otks,
+            fallbacks,
+            now_ms,
+        )
+
+    def claim(self, claims: list[tuple[str, str, str]]) -> defer.Deferred[ClaimResult]:
+        """See :func:`claim_txn`."""
+        return self._db.run("claim_keys", claim_txn, claims)
+
+    def delete_device(self, user_id: str, device_id: str) -> defer.Deferred[bool]:
+        """See :func:`delete_device_txn`."""
+        return self._db.run("delete_device_keys", delete_device_txn, user_id, device_id)
+
+    def device_ids_with_keys(self, user_id: str) -> defer.Deferred[set[str]]:
+        """See :func:`device_ids_with_keys_txn`."""
+        return self._db.run_read(
+            "device_ids_with_keys", device_ids_with_keys_txn, user_id
+        )

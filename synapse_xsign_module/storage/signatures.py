@@ -1,0 +1,204 @@
+"""Detached signatures uploaded through ``/keys/signatures/upload``.
+
+A row is addressed by (target user, target key id, signer user, signer key id):
+signing the same target with the same key again replaces the signature.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import attr
+from sqlalchemy import Connection, or_, select, tuple_
+
+from twisted.internet import defer
+
+from synapse_xsign_module.storage.cross_signing import CurrentKeys, get_current_txn
+from synapse_xsign_module.storage.database import Database
+from synapse_xsign_module.storage.device_keys import get_device_keys_txn
+from synapse_xsign_module.storage.schema import signatures
+from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users, upsert
+
+#: (target user, target key id) -> list of (signer user, signer key id, signature)
+VisibleSignatures = dict[tuple[str, str], list[tuple[str, str, str]]]
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class Basis:
+    """What a signature was checked against; it must still hold when stored.
+
+    Attributes:
+        user_id: whose key it is.
+        kind: ``device`` or a cross-signing key type.
+        ident: the device id, or the cross-signing public key.
+        key_json: the key's canonical JSON when it was read.
+    """
+
+    user_id: str
+    kind: str
+    ident: str
+    key_json: str
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class PendingSignature:
+    """A verified signature waiting to be stored.
+
+    Attributes:
+        signer_user_id: who signed.
+        signer_key_id: ``ed25519:<ssk/usk public key>`` or ``ed25519:<device id>``.
+        target_user_id: whose key was signed.
+        target_key_id: the device id or the master public key.
+        signature: unpadded base64 signature.
+        signer: the signing key as verified.
+        target: the signed key as verified.
+    """
+
+    signer_user_id: str
+    signer_key_id: str
+    target_user_id: str
+    target_key_id: str
+    signature: str
+    signer: Basis
+    target: Basis
+
+
+def _basis_holds(
+    basis: Basis,
+    cross: dict[str, dict[str, object]],
+    devices: dict[str, dict[str, str]],
+) -> bool:
+    if basis.kind == "device":
+        return devices.get(basis.user_id, {}).get(basis.ident) == basis.key_json
+    key = cross.get(basis.user_id, {}).get(basis.kind)
+    return key is not None and getattr(key, "key_json", None) == basis.key_json
+
+
+def store_signatures_txn(
+    conn: Connection, pending: list[PendingSignature], now_ms: int
+) -> list[int]:
+    """Store verified signatures whose keys did not change since verification.
+
+    Args:
+        conn: the connection.
+        pending: the signatures.
+        now_ms: the time.
+
+    Returns:
+        Indexes into ``pending`` of signatures not stored because the signing
+        or the signed key changed meanwhile.
+    """
+    if not pending:
+        return []
+    bases = [b for p in pending for b in (p.signer, p.target)]
+    lock_users(conn, {b.user_id for b in bases})
+    cross = get_current_txn(conn, [b.user_id for b in bases if b.kind != "device"])
+    device_query: dict[str, list[str]] = defaultdict(list)
+    for b in bases:
+        if b.kind == "device":
+            device_query[b.user_id].append(b.ident)
+    devices = get_device_keys_txn(conn, dict(device_query)) if device_query else {}
+    stale: list[int] = []
+    rows = {}
+    for i, p in enumerate(pending):
+        if not (
+            _basis_holds(p.signer, cross, devices)  # type: ignore[arg-type]
+            and _basis_holds(p.target, cross, devices)  # type: ignore[arg-type]
+        ):
+            stale.append(i)
+            continue
+        rows[(p.target_user_id, p.target_key_id, p.signer_user_id, p.signer_key_id)] = {
+            "target_user_id": p.target_user_id,
+            "target_key_id": p.target_key_id,
+            "signer_user_id": p.signer_user_id,
+            "signer_key_id": p.signer_key_id,
+            "signature": p.signature,
+            "ts_added_ms": now_ms,
+        }
+    upsert(
+        conn,
+        signatures,
+        list(rows.values()),
+        ["target_user_id", "target_key_id", "signer_user_id", "signer_key_id"],
+        ["signature", "ts_added_ms"],
+    )
+    return stale
+
+
+def get_visible_txn(
+    conn: Connection, targets: list[tuple[str, str]], requester_id: str | None
+) -> VisibleSignatures:
+    """The stored signatures over some keys that a requester may see.
+
+    Everyone sees signatures a user made over their own keys (SSK over own
+    devices, devices over own master key). A signature over another user's key
+    (made with a user-signing key) is seen by its signer alone.
+
+    Args:
+        conn: the connection.
+        targets: (user id, key id) pairs; key id is a device id or a master
+            public key.
+        requester_id: who asks; None sees only owners' own signatures.
+
+    Returns:
+        The visible signatures, grouped by target.
+    """
+    result: VisibleSignatures = defaultdict(list)
+    s = signatures.c
+    visible = s.signer_user_id == s.target_user_id
+    if requester_id is not None:
+        visible = or_(visible, s.signer_user_id == requester_id)
+    for part in chunks(sorted(set(targets)), MAX_PARAMS // 2):
+        rows = conn.execute(
+            select(
+                s.target_user_id,
+                s.target_key_id,
+                s.signer_user_id,
+                s.signer_key_id,
+                s.signature,
+            ).where(tuple_(s.target_user_id, s.target_key_id).in_(list(part)), visible)
+        )
+        for tu, tk, su, sk, sig in rows:
+            result[(tu, tk)].append((su, sk, sig))
+    return dict(result)
+
+
+def load_context_txn(
+    conn: Connection, user_id: str, other_users: list[str], own_devices: bool
+) -> tuple[CurrentKeys, dict[str, str]]:
+    """What a signature upload is checked against.
+
+    Returns:
+        The current cross-signing keys of the uploader and the other users, and
+        the uploader's device keys (device id -> key JSON) when wanted.
+    """
+    cross = get_current_txn(conn, [user_id, *other_users])
+    devices: dict[str, str] = {}
+    if own_devices:
+        devices = get_device_keys_txn(conn, {user_id: []}).get(user_id, {})
+    return cross, devices
+
+
+class SignatureStore:
+    """Signature storage; each call is one transaction.
+
+    Args:
+        db: the module's database.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def load_context(
+        self, user_id: str, other_users: list[str], own_devices: bool
+    ) -> defer.Deferred[tuple[CurrentKeys, dict[str, str]]]:
+        """See :func:`load_context_txn`."""
+        return self._db.run_read(
+            "signature_context", load_context_txn, user_id, other_users, own_devices
+        )
+
+    def store(
+        self, pending: list[PendingSignature], now_ms: int
+    ) -> defer.Deferred[list[int]]:
+        """See :func:`store_signatures_txn`."""
+        return self._db.run("store_signatures", store_signatures_txn, pending, now_ms)

@@ -1,0 +1,73 @@
+"""Small SQL helpers shared by the stores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Table, bindparam, text
+from sqlalchemy.dialects import postgresql, sqlite
+
+T = TypeVar("T")
+
+#: Largest number of bound parameters put into one statement.
+MAX_PARAMS = 900
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Split ``items`` into consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def upsert(
+    conn: Connection,
+    table: Table,
+    rows: list[dict[str, Any]],
+    key_columns: list[str],
+    update_columns: list[str],
+) -> None:
+    """Insert rows, replacing the listed columns where the key already exists.
+
+    Args:
+        conn: the connection of the current transaction.
+        table: the table.
+        rows: the rows, all with the same keys.
+        key_columns: the columns of the unique key that conflicts.
+        update_columns: the columns to overwrite on conflict.
+    """
+    if not rows:
+        return
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    per_row = len(rows[0])
+    for part in chunks(rows, max(1, MAX_PARAMS // per_row)):
+        stmt = dialect.insert(table).values(list(part))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=key_columns,
+            set_={c: stmt.excluded[c] for c in update_columns},
+        )
+        conn.execute(stmt)
+
+
+def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
+    """Serialize key changes per user for the rest of the transaction.
+
+    On PostgreSQL this takes transaction-scoped advisory locks, in a fixed
+    order so that two transactions never deadlock on them. SQLite write
+    transactions (``BEGIN IMMEDIATE``) are already serialized.
+
+    Args:
+        conn: the connection of the current transaction.
+        user_ids: users whose keys the transaction reads and then changes.
+    """
+    users = sorted(set(user_ids))
+    if not users or conn.dialect.name != "postgresql":
+        return
+    conn.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(k) FROM ("
+            " SELECT hashtextextended(u, 7349) AS k FROM unnest(:users) AS u"
+            " ORDER BY 1) AS s"
+        ).bindparams(bindparam("users", type_=postgresql.ARRAY(postgresql.TEXT))),
+        {"users": users},
+    )
