@@ -12,12 +12,11 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import text
 
+from treq.testing import StubTreq
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.resource import Resource
-
-from treq.testing import StubTreq
 
 from synapse_xsign_module.config import DatabaseConfig, XSignConfig, parse_config
 from synapse_xsign_module.hosts.embedded import passwords
@@ -234,7 +233,7 @@ class HostTestCase(unittest.TestCase):
 
     async def user_with_device(
         self, localpart: str, device_id: str | None = None, admin: bool = False
-    ) -> "TestUser":
+    ) -> TestUser:
         """A user logged in on one device."""
         user_id = await self.make_user(localpart, admin=admin)
         token, device = await self.login(user_id, device_id)
