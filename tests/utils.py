@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -267,12 +268,22 @@ class TestUser:
         self.master: Any = None
         self.self_signing: Any = None
         self.user_signing: Any = None
+        self._device_keys: tuple[Any, dict[str, Any]] | None = None
 
     def device_keys(self, extra_keys: dict[str, str] | None = None) -> dict[str, Any]:
-        """This device's identity keys, signed by the device's own key."""
-        return make_device_keys(
-            self.user_id, self.device_id, self.device_key, extra_keys
-        )
+        """This device's identity keys, signed by the device's own key.
+
+        The same object (a fresh copy) each time, until ``device_key`` changes
+        or ``extra_keys`` are asked for.
+        """
+        if extra_keys:
+            return make_device_keys(
+                self.user_id, self.device_id, self.device_key, extra_keys
+            )
+        if self._device_keys is None or self._device_keys[0] is not self.device_key:
+            made = make_device_keys(self.user_id, self.device_id, self.device_key)
+            self._device_keys = (self.device_key, made)
+        return copy.deepcopy(self._device_keys[1])
 
     def make_cross_signing(self) -> dict[str, Any]:
         """New master, SSK and USK; returns the upload body (no auth)."""

@@ -237,22 +237,19 @@ class JsonResource(Resource):
             )
 
 
-class UnrecognizedResource(Resource):
-    """A path node that answers every request below it with JSON 404.
+class NotFoundResource(Resource):
+    """A leaf that answers every request with JSON 404 ``M_UNRECOGNIZED``.
 
-    Used for the intermediate segments of the embedded host's tree (as Synapse
-    does), so that unknown paths get ``M_UNRECOGNIZED`` and not Twisted's HTML.
+    A CORS preflight gets an empty 200 instead, as browsers need.
     """
+
+    isLeaf = True
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        """Every unknown child is this node again."""
-        return self
-
     def render(self, request: Request) -> bytes:
-        """404 ``M_UNRECOGNIZED`` (or an empty 200 for a CORS preflight)."""
+        """404 ``M_UNRECOGNIZED`` (or an empty 200 for OPTIONS)."""
         if request.method == b"OPTIONS":
             respond(request, 200, {})
         else:
@@ -260,6 +257,22 @@ class UnrecognizedResource(Resource):
                 request, MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
             )
         return NOT_DONE_YET  # type: ignore[return-value]
+
+
+class UnrecognizedResource(NotFoundResource):
+    """An intermediate path node: known children, and JSON 404 for the rest.
+
+    Used for the intermediate segments of the embedded host's tree (as Synapse
+    does), so that unknown paths get ``M_UNRECOGNIZED`` and not Twisted's HTML.
+    Unknown children are a separate leaf, so that an unknown segment never lets
+    a later segment reach a sibling (``keys/x/upload`` is not ``keys/upload``).
+    """
+
+    isLeaf = False
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+        """Every unknown child is a JSON 404 leaf."""
+        return NotFoundResource()
 
 
 def put_resource(root: Resource, path: str, resource: Resource) -> None:

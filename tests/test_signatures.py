@@ -1,0 +1,461 @@
+"""POST /keys/signatures/upload and how /keys/query serves the signatures."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from signedjson.key import generate_signing_key
+from signedjson.sign import sign_json
+from sqlalchemy import event, func, select
+
+from synapse_xsign_module.storage.schema import signatures
+from tests.test_cross_signing import CrossSigningTestBase
+from tests.utils import TestUser, make_device_keys, public_key
+
+SIG_UPLOAD = "/_matrix/client/v3/keys/signatures/upload"
+KEYS_UPLOAD = "/_matrix/client/v3/keys/upload"
+
+
+def without_unsigned(obj: dict[str, Any]) -> dict[str, Any]:
+    """A key object as a client would sign it (no ``unsigned``)."""
+    return {k: v for k, v in obj.items() if k != "unsigned"}
+
+
+def sig_of(obj: dict[str, Any], user_id: str, key_id: str) -> str | None:
+    """The signature by ``user_id``'s ``key_id`` in ``obj``, if any."""
+    value = obj.get("signatures", {}).get(user_id, {}).get(key_id)
+    return value if isinstance(value, str) else None
+
+
+class SignatureTestBase(CrossSigningTestBase):
+    """Users with device keys and cross-signing keys."""
+
+    async def ready_user(self, name: str) -> TestUser:
+        """A user with uploaded device keys and a full cross-signing identity."""
+        user = await self.user_with_device(name, f"{name.upper()}DEV")
+        resp = await self.client.post(
+            KEYS_UPLOAD, {"device_keys": user.device_keys()}, token=user.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        await self.bootstrap(user)
+        return user
+
+    async def sign_upload(self, user: TestUser, body: dict[str, Any]) -> dict[str, Any]:
+        """Upload signatures; asserts 200 and returns the failures map."""
+        resp = await self.client.post(SIG_UPLOAD, body, token=user.token)
+        self.assertEqual(resp.code, 200, resp)
+        failures: dict[str, Any] = resp.json["failures"]
+        return failures
+
+    def ssk_signed_device(
+        self, user: TestUser, device: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The user's device keys signed by the user's SSK."""
+        return sign_json(
+            copy.deepcopy(device or user.device_keys()), user.user_id, user.self_signing
+        )
+
+    def master_obj(self, user: TestUser) -> dict[str, Any]:
+        """The user's master key object as uploaded."""
+        from tests.utils import cross_signing_key
+
+        return cross_signing_key(user.user_id, "master", user.master)
+
+    def signature_rows(self) -> int:
+        """How many signatures are stored."""
+        with self.db.engine.connect() as conn:
+            return int(
+                conn.execute(select(func.count()).select_from(signatures)).scalar_one()
+            )
+
+
+class AcceptedKindsTest(SignatureTestBase):
+    """The three accepted kinds of signature, and who sees each."""
+
+    async def test_ssk_over_own_device(self) -> None:
+        """An SSK signature on one's device is stored and visible to everyone."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        signed = self.ssk_signed_device(alice)
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: signed}}
+        )
+        self.assertEqual(failures, {})
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        for viewer in (alice, bob):
+            result = await self.query(viewer, alice.user_id)
+            device = result["device_keys"][alice.user_id][alice.device_id]
+            self.assertEqual(
+                sig_of(device, alice.user_id, ssk_id),
+                sig_of(signed, alice.user_id, ssk_id),
+            )
+            # The device's own signature is still there.
+            self.assertEqual(
+                sig_of(device, alice.user_id, f"ed25519:{alice.device_id}"),
+                sig_of(signed, alice.user_id, f"ed25519:{alice.device_id}"),
+            )
+
+    async def test_device_over_own_master(self) -> None:
+        """A device's signature on its user's master key is visible to everyone."""
+        alice = await self.ready_user("alice")
+        carol = await self.ready_user("carol")
+        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
+        pub = public_key(alice.master)
+        failures = await self.sign_upload(alice, {alice.user_id: {pub: master}})
+        self.assertEqual(failures, {})
+        key_id = f"ed25519:{alice.device_id}"
+        for viewer in (alice, carol):
+            result = await self.query(viewer, alice.user_id)
+            got = result["master_keys"][alice.user_id]
+            self.assertEqual(
+                sig_of(got, alice.user_id, key_id),
+                sig_of(master, alice.user_id, key_id),
+            )
+
+    async def test_usk_over_other_master_visible_to_signer_only(self) -> None:
+        """Alice's USK signature on Bob's master is seen by Alice, not Bob or Carol."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        carol = await self.ready_user("carol")
+        bob_master = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
+        failures = await self.sign_upload(
+            alice, {bob.user_id: {public_key(bob.master): bob_master}}
+        )
+        self.assertEqual(failures, {})
+        usk_id = f"ed25519:{public_key(alice.user_signing)}"
+        seen = (await self.query(alice, bob.user_id))["master_keys"][bob.user_id]
+        self.assertEqual(
+            sig_of(seen, alice.user_id, usk_id),
+            sig_of(bob_master, alice.user_id, usk_id),
+        )
+        for viewer in (bob, carol):
+            result = await self.query(viewer, bob.user_id, alice.user_id)
+            self.assertIsNone(
+                sig_of(result["master_keys"][bob.user_id], alice.user_id, usk_id)
+            )
+            self.assertNotIn(
+                alice.user_id, result["master_keys"][bob.user_id].get("signatures", {})
+            )
+            self.assertEqual(result["user_signing_keys"].get(alice.user_id), None)
+
+
+class FailureKindsTest(SignatureTestBase):
+    """Each kind of failure is reported per item; the rest is stored."""
+
+    async def test_mixed_batch(self) -> None:
+        """One request with good and bad items stores the good ones only."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        good_device = self.ssk_signed_device(alice)
+        bad_sig = copy.deepcopy(good_device)
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        bad_sig["signatures"][alice.user_id][ssk_id] = sign_json(
+            {"other": 1}, alice.user_id, alice.self_signing
+        )["signatures"][alice.user_id][ssk_id]
+        mismatched = sign_json(
+            {**self.master_obj(bob), "extra": True}, alice.user_id, alice.user_signing
+        )
+        body = {
+            alice.user_id: {
+                alice.device_id: good_device,
+                "NOSUCHDEVICE": self.ssk_signed_device(
+                    alice,
+                    make_device_keys(
+                        alice.user_id,
+                        "NOSUCHDEVICE",
+                        generate_signing_key("NOSUCHDEVICE"),
+                    ),
+                ),
+            },
+            bob.user_id: {public_key(bob.master): mismatched},
+            "@nobody:test.local": {"AAAA": {"a": 1}},
+        }
+        failures = await self.sign_upload(alice, body)
+        self.assertEqual(
+            failures[alice.user_id]["NOSUCHDEVICE"]["errcode"], "M_NOT_FOUND"
+        )
+        self.assertIn("NOSUCHDEVICE", failures[alice.user_id]["NOSUCHDEVICE"]["error"])
+        self.assertNotIn(alice.device_id, failures.get(alice.user_id, {}))
+        self.assertIn(
+            "does not match", failures[bob.user_id][public_key(bob.master)]["error"]
+        )
+        self.assertEqual(
+            failures["@nobody:test.local"]["AAAA"]["errcode"], "M_NOT_FOUND"
+        )
+        self.assertEqual(self.signature_rows(), 1)
+        # Now the invalid signature on its own.
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: bad_sig}}
+        )
+        self.assertEqual(
+            failures[alice.user_id][alice.device_id]["errcode"], "M_INVALID_SIGNATURE"
+        )
+        result = await self.query(alice, alice.user_id)
+        device = result["device_keys"][alice.user_id][alice.device_id]
+        self.assertEqual(
+            sig_of(device, alice.user_id, ssk_id),
+            sig_of(good_device, alice.user_id, ssk_id),
+        )
+
+    async def test_no_ssk(self) -> None:
+        """Without an SSK, a device item fails M_NOT_FOUND naming the SSK."""
+        alice = await self.user_with_device("alice", "ALICEDEV")
+        await self.client.post(
+            KEYS_UPLOAD, {"device_keys": alice.device_keys()}, token=alice.token
+        )
+        body = alice.make_cross_signing()
+        del body["self_signing_key"]
+        await self.upload(alice, body)
+        signed = sign_json(alice.device_keys(), alice.user_id, alice.self_signing)
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: signed}}
+        )
+        item = failures[alice.user_id][alice.device_id]
+        self.assertEqual(item["errcode"], "M_NOT_FOUND")
+        self.assertIn("self-signing", item["error"])
+
+    async def test_no_usk(self) -> None:
+        """Without a USK, signing another user fails M_NOT_FOUND naming the USK."""
+        alice = await self.user_with_device("alice")
+        bob = await self.ready_user("bob")
+        body = alice.make_cross_signing()
+        del body["user_signing_key"]
+        await self.upload(alice, body)
+        signed = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
+        failures = await self.sign_upload(
+            alice, {bob.user_id: {public_key(bob.master): signed}}
+        )
+        item = failures[bob.user_id][public_key(bob.master)]
+        self.assertEqual(item["errcode"], "M_NOT_FOUND")
+        self.assertIn("user-signing", item["error"])
+
+    async def test_only_current_master_can_be_signed(self) -> None:
+        """Signing another user's non-master key id is M_NOT_FOUND."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        signed = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
+        failures = await self.sign_upload(alice, {bob.user_id: {bob.device_id: signed}})
+        self.assertEqual(failures[bob.user_id][bob.device_id]["errcode"], "M_NOT_FOUND")
+
+    async def test_device_signature_missing_ssk_signature(self) -> None:
+        """A device object without a signature by the SSK is M_INVALID_SIGNATURE."""
+        alice = await self.ready_user("alice")
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: alice.device_keys()}}
+        )
+        self.assertEqual(
+            failures[alice.user_id][alice.device_id]["errcode"], "M_INVALID_SIGNATURE"
+        )
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_master_signed_by_unknown_key_only(self) -> None:
+        """A master object signed by no device of the caller fails, storing nothing."""
+        alice = await self.ready_user("alice")
+        master = sign_json(
+            self.master_obj(alice), alice.user_id, generate_signing_key("OTHER")
+        )
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {public_key(alice.master): master}}
+        )
+        self.assertEqual(
+            failures[alice.user_id][public_key(alice.master)]["errcode"],
+            "M_INVALID_SIGNATURE",
+        )
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_foreign_signatures_not_stored(self) -> None:
+        """Signatures in the object by keys the caller does not hold are not stored."""
+        alice = await self.ready_user("alice")
+        mallory_key = generate_signing_key("MAL")
+        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
+        master = sign_json(master, "@mallory:test.local", mallory_key)
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {public_key(alice.master): master}}
+        )
+        self.assertEqual(failures, {})
+        got = (await self.query(alice, alice.user_id))["master_keys"][alice.user_id]
+        self.assertNotIn("@mallory:test.local", got.get("signatures", {}))
+        self.assertEqual(self.signature_rows(), 1)
+
+    async def test_bad_shape(self) -> None:
+        """A body that is not user -> key id -> object is 400 M_BAD_JSON."""
+        alice = await self.ready_user("alice")
+        for body in (
+            {alice.user_id: "x"},
+            {alice.user_id: {"DEV": "x"}},
+            {alice.user_id: []},
+        ):
+            resp = await self.client.post(SIG_UPLOAD, body, token=alice.token)
+            self.assertEqual((resp.code, resp.json["errcode"]), (400, "M_BAD_JSON"))
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_unauthenticated(self) -> None:
+        """The endpoint needs an access token, under r0, v3 and unstable."""
+        for version in ("r0", "v3", "unstable"):
+            resp = await self.client.post(
+                f"/_matrix/client/{version}/keys/signatures/upload", {}
+            )
+            self.assertEqual(
+                (resp.code, resp.json["errcode"]), (401, "M_MISSING_TOKEN")
+            )
+
+
+class LifecycleTest(SignatureTestBase):
+    """Re-signing, rotations and device changes."""
+
+    async def test_resigning_replaces(self) -> None:
+        """Signing the same device again with the same key replaces the signature."""
+        alice = await self.ready_user("alice")
+        first = self.ssk_signed_device(alice)
+        await self.sign_upload(alice, {alice.user_id: {alice.device_id: first}})
+        # ed25519 signatures are deterministic, so the same key over the same
+        # object cannot give a second valid signature: corrupt the stored one
+        # and show that uploading again replaces it (it is not discarded).
+        with self.db.engine.begin() as conn:
+            conn.execute(signatures.update().values(signature="broken"))
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: first}}
+        )
+        self.assertEqual(failures, {})
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        device = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertEqual(
+            sig_of(device, alice.user_id, ssk_id), sig_of(first, alice.user_id, ssk_id)
+        )
+        self.assertEqual(self.signature_rows(), 1)
+
+    async def test_ssk_rotation_hides_old_device_signatures(self) -> None:
+        """After a new SSK, signatures by the old SSK are no longer served."""
+        alice = await self.ready_user("alice")
+        old_ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        from tests.utils import cross_signing_key, new_signing_key
+
+        alice.self_signing = new_signing_key()
+        ssk = cross_signing_key(
+            alice.user_id, "self_signing", alice.self_signing, alice.master
+        )
+        resp = await self.replace_with_uia(alice, {"self_signing_key": ssk})
+        self.assertEqual(resp.code, 200, resp)
+        device = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertIsNone(sig_of(device, alice.user_id, old_ssk_id))
+        self.assertEqual(self.signature_rows(), 0)
+        # The new SSK can sign it again.
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        self.assertEqual(failures, {})
+
+    async def test_master_replacement_hides_usk_signatures(self) -> None:
+        """Signatures over a replaced master key are no longer served."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        old_master = self.master_obj(bob)
+        signed = sign_json(old_master, alice.user_id, alice.user_signing)
+        await self.sign_upload(alice, {bob.user_id: {public_key(bob.master): signed}})
+        self.assertEqual(self.signature_rows(), 1)
+        await self.replace_with_uia(bob, bob.make_cross_signing())
+        seen = (await self.query(alice, bob.user_id))["master_keys"][bob.user_id]
+        self.assertNotIn(alice.user_id, seen.get("signatures", {}))
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_device_reupload_drops_signatures(self) -> None:
+        """New device keys for the same device drop the SSK signature on the old ones."""
+        alice = await self.ready_user("alice")
+        await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        alice.device_key = generate_signing_key(alice.device_id)
+        resp = await self.client.post(
+            KEYS_UPLOAD, {"device_keys": alice.device_keys()}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        device = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertEqual(
+            list(device["signatures"][alice.user_id]), [f"ed25519:{alice.device_id}"]
+        )
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_deleted_device_signatures_gone(self) -> None:
+        """Logging out (deleting the device) removes signatures over and by it."""
+        alice = await self.ready_user("alice")
+        await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
+        await self.sign_upload(
+            alice, {alice.user_id: {public_key(alice.master): master}}
+        )
+        self.assertEqual(self.signature_rows(), 2)
+        resp = await self.client.post(
+            "/_matrix/client/v3/logout", {}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(self.signature_rows(), 0)
+        # The same device id logs in again: no old signature resurfaces.
+        token, _ = await self.login(alice.user_id, alice.device_id)
+        await self.client.post(
+            KEYS_UPLOAD, {"device_keys": alice.device_keys()}, token=token
+        )
+        viewer = TestUser(alice.user_id, alice.device_id, token)
+        result = await self.query(viewer, alice.user_id)
+        device = result["device_keys"][alice.user_id][alice.device_id]
+        self.assertEqual(
+            list(device["signatures"][alice.user_id]), [f"ed25519:{alice.device_id}"]
+        )
+        self.assertNotIn("signatures", result["master_keys"][alice.user_id])
+
+
+class LargeRequestTest(SignatureTestBase):
+    """A request with many items is answered correctly in few statements."""
+
+    async def test_thousand_devices(self) -> None:
+        """The SSK signs 1000 devices in one request; every signature is served."""
+        alice = await self.ready_user("alice")
+        from synapse_xsign_module.storage.device_keys import upload_txn
+
+        devices = {}
+        for i in range(1000):
+            device_id = f"D{i:04d}"
+            devices[device_id] = make_device_keys(
+                alice.user_id, device_id, generate_signing_key(device_id)
+            )
+        with self.db.engine.begin() as conn:
+            for device_id, keys in devices.items():
+                upload_txn(conn, alice.user_id, device_id, keys, [], [], 0)
+        body = {
+            alice.user_id: {
+                d: sign_json(copy.deepcopy(k), alice.user_id, alice.self_signing)
+                for d, k in devices.items()
+            }
+        }
+        statements: list[str] = []
+
+        def count(*args: Any) -> None:
+            statements.append(args[2])
+
+        event.listen(self.db.engine, "before_cursor_execute", count)
+        try:
+            failures = await self.sign_upload(alice, body)
+        finally:
+            event.remove(self.db.engine, "before_cursor_execute", count)
+        self.assertEqual(failures, {})
+        self.assertLess(len(statements), 40, statements[:50])
+        self.assertEqual(self.signature_rows(), 1000)
+        result = await self.query(alice, alice.user_id)
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        for device_id in devices:
+            got = result["device_keys"][alice.user_id][device_id]
+            self.assertEqual(
+                sig_of(got, alice.user_id, ssk_id),
+                sig_of(body[alice.user_id][device_id], alice.user_id, ssk_id),
+            )
