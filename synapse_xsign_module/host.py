@@ -64,6 +64,9 @@ class Host(Protocol):
     async def is_admin(self, user_id: str) -> bool:
         """Whether ``user_id`` is a server admin."""
 
+    async def user_exists(self, user_id: str) -> bool:
+        """Whether ``user_id`` is a known local account."""
+
     async def user_interactive_auth(
         self,
         request: Request,

@@ -7,12 +7,16 @@ from typing import Any
 
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.config import XSignConfig
+from synapse_xsign_module.handlers.admin import AdminHandler
 from synapse_xsign_module.handlers.cross_signing import CrossSigningHandler
 from synapse_xsign_module.handlers.device_keys import DeviceKeysHandler
 from synapse_xsign_module.handlers.signatures import SignatureHandler
 from synapse_xsign_module.host import Host
+from synapse_xsign_module.http.admin import ADMIN_PREFIX, build_admin_resource
+from synapse_xsign_module.http.base import JsonResource
 from synapse_xsign_module.http.keys import register_key_resources
 from synapse_xsign_module.storage import migrate
+from synapse_xsign_module.storage.admin import AdminStore
 from synapse_xsign_module.storage.cross_signing import CrossSigningStore
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.device_keys import DeviceKeyStore
@@ -58,6 +62,16 @@ class XSignService:
         )
         self.signatures = SignatureHandler(host, self.signature_store, self.clock)
         self.schema_version: str | None = None
+        self.admin = AdminHandler(
+            host,
+            config,
+            AdminStore(self.db),
+            self.cross_signing_store,
+            self.clock,
+            lambda: self.schema_version,
+            self.db.engine_name,
+        )
+        self.admin_resource: JsonResource | None = None
         self._started = False
 
     def migrate(self) -> str:
@@ -95,4 +109,8 @@ class XSignService:
 
     def mount(self) -> list[str]:
         """Register every endpoint with the host; returns the paths."""
-        return register_key_resources(self.host, self)
+        paths = register_key_resources(self.host, self)
+        self.admin_resource = build_admin_resource(self)
+        self.host.register_resource(ADMIN_PREFIX, self.admin_resource)
+        paths.append(ADMIN_PREFIX)
+        return paths

@@ -22,7 +22,6 @@ from twisted.web.resource import Resource
 from synapse_xsign_module.config import DatabaseConfig, XSignConfig, parse_config
 from synapse_xsign_module.hosts.embedded import passwords
 from synapse_xsign_module.hosts.embedded.host import EmbeddedHost
-from synapse_xsign_module.hosts.embedded.resources import mount_host_resources
 from synapse_xsign_module.storage import migrate
 from synapse_xsign_module.storage.database import Database, create_db_engine
 from synapse_xsign_module.storage.schema import VERSION_TABLE, metadata
@@ -196,8 +195,7 @@ class HostTestCase(unittest.TestCase):
         self.host = EmbeddedHost(self.config, reactor, db=self.db)
         self.service = self.host.service
         self.service.start()
-        mount_host_resources(self.host)
-        self.service.mount()
+        self.host.mount()
         self.client = Client(self.host.root)
         self.addCleanup(self.service.stop)
         if self.db_url.startswith("sqlite:///"):

@@ -72,6 +72,10 @@ class SynapseHost:
         """``ModuleApi.is_user_admin``."""
         return bool(await self._api.is_user_admin(user_id))
 
+    async def user_exists(self, user_id: str) -> bool:
+        """``ModuleApi.check_user_exists``."""
+        return await self._api.check_user_exists(user_id) is not None
+
     async def user_interactive_auth(
         self, request: Request, requester: Requester, body: JsonDict, description: str
     ) -> None:

@@ -270,7 +270,7 @@ class UnrecognizedResource(NotFoundResource):
 
     isLeaf = False
 
-    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+    def getChild(self, path: bytes, request: Request) -> Resource:
         """Every unknown child is a JSON 404 leaf."""
         return NotFoundResource()
 

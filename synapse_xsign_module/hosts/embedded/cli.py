@@ -53,14 +53,12 @@ def cmd_run(config: XSignConfig) -> int:
     from twisted.internet import reactor
 
     from synapse_xsign_module.hosts.embedded.host import EmbeddedHost
-    from synapse_xsign_module.hosts.embedded.resources import mount_host_resources
     from synapse_xsign_module.hosts.embedded.site import XSignSite
 
     r: Any = reactor
     host = EmbeddedHost(config, r)
     host.service.start()
-    mount_host_resources(host)
-    host.service.mount()
+    host.mount()
     emb = config.embedded
     site = XSignSite(
         host.root, config.max_request_body_size, emb.x_forwarded, emb.access_log

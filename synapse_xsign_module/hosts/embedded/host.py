@@ -57,6 +57,13 @@ class EmbeddedHost:
         """The server name of local users."""
         return self._config.embedded.server_name
 
+    def mount(self) -> None:
+        """Mount the module's endpoints and the host's own, in that order."""
+        from synapse_xsign_module.hosts.embedded.resources import mount_host_resources
+
+        self.service.mount()
+        mount_host_resources(self)
+
     def register_resource(self, path: str, resource: Resource) -> None:
         """Serve ``resource`` at ``path``."""
         put_resource(self.root, path, resource)
@@ -77,6 +84,10 @@ class EmbeddedHost:
         """Whether the account has the admin flag (and is active)."""
         user = await self.accounts.get_user(user_id)
         return user is not None and user.is_admin and not user.deactivated
+
+    async def user_exists(self, user_id: str) -> bool:
+        """Whether the account exists (deactivated accounts included)."""
+        return await self.accounts.get_user(user_id) is not None
 
     async def user_interactive_auth(
         self, request: Request, requester: Requester, body: JsonDict, description: str

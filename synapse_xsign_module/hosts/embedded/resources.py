@@ -9,11 +9,25 @@ from twisted.internet import threads
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from synapse_xsign_module.errors import Codes, MatrixError, bad_json, forbidden
-from synapse_xsign_module.hosts.embedded.accounts import DeviceIdInUse
+from synapse_xsign_module.errors import (
+    Codes,
+    MatrixError,
+    bad_json,
+    forbidden,
+    not_found,
+)
+from synapse_xsign_module.handlers.admin import page_body, parse_page, require_json_bool
+from synapse_xsign_module.handlers.validation import server_of
+from synapse_xsign_module.hosts.embedded.accounts import DeviceIdInUse, User
 from synapse_xsign_module.hosts.embedded.host_auth import get_access_token
-from synapse_xsign_module.hosts.embedded.passwords import check_password
+from synapse_xsign_module.hosts.embedded.passwords import check_password, hash_password
 from synapse_xsign_module.hosts.embedded.uia import qualify_user
+from synapse_xsign_module.http.admin import (
+    SYNAPSE_ADMIN_USERS,
+    USER,
+    build_synapse_compat_resource,
+    require_admin,
+)
 from synapse_xsign_module.http.base import JsonDict, JsonResource, read_json_body
 
 if TYPE_CHECKING:
@@ -153,8 +167,100 @@ def _versions_resource() -> JsonResource:
     return resource
 
 
+def _user_json(user: User) -> JsonDict:
+    return {
+        "user_id": user.user_id,
+        "admin": user.is_admin,
+        "deactivated": user.deactivated,
+        "has_password": user.password_hash is not None,
+        "created_ts": user.created_ts,
+    }
+
+
+def add_account_admin_routes(host: EmbeddedHost, resource: JsonResource) -> None:
+    """Add the embedded host's account management to the admin API resource."""
+    max_body = host.service.config.max_request_body_size
+
+    async def list_users(request: Request) -> tuple[int, JsonDict]:
+        await require_admin(host, request)
+        offset, limit = parse_page(request.args or {})
+        users, total = await host.accounts.list_users(offset, limit)
+        return 200, page_body("users", [_user_json(u) for u in users], offset, total)
+
+    async def put_user(request: Request, user_id: str) -> tuple[int, JsonDict]:
+        admin = await require_admin(host, request)
+        if server_of(user_id) != host.server_name:
+            raise bad_json(f"{user_id} is not a user id on {host.server_name}")
+        body = read_json_body(request, max_body)
+        password = body.get("password")
+        if password is not None and (not isinstance(password, str) or not password):
+            raise bad_json("'password' must be a non-empty string")
+        is_admin = require_json_bool(body, "admin")
+        deactivated = require_json_bool(body, "deactivated")
+        password_hash = (
+            await threads.deferToThread(hash_password, password) if password else None
+        )
+        user, created = await host.accounts.upsert_user(
+            user_id,
+            host.service.clock.time_msec(),
+            password_hash=password_hash,
+            is_admin=is_admin,
+            deactivated=deactivated,
+        )
+        logger.info(
+            "Admin %s %s account %s (admin=%s, deactivated=%s, password %s)",
+            admin.user_id,
+            "created" if created else "updated",
+            user_id,
+            is_admin,
+            deactivated,
+            "set" if password else "unchanged",
+        )
+        if deactivated:
+            host.notify_keys_changed([user_id])
+        return (201 if created else 200), _user_json(user)
+
+    async def login_as(request: Request, user_id: str) -> tuple[int, JsonDict]:
+        admin = await require_admin(host, request)
+        body = read_json_body(request, max_body)
+        device_id = body.get("device_id")
+        if device_id is not None and (not isinstance(device_id, str) or not device_id):
+            raise bad_json("'device_id' must be a non-empty string")
+        user = await host.accounts.get_user(user_id)
+        if user is None:
+            raise not_found(f"Unknown user {user_id}")
+        if user.deactivated:
+            raise MatrixError(
+                403, Codes.USER_DEACTIVATED, "This account has been deactivated"
+            )
+        try:
+            token, device = await host.accounts.login(
+                user_id, device_id, None, host.service.clock.time_msec()
+            )
+        except DeviceIdInUse:
+            raise forbidden(
+                "The device ID is in use: it equals one of the cross-signing keys"
+            ) from None
+        logger.info(
+            "Admin %s issued a token for %s on device %s",
+            admin.user_id,
+            user_id,
+            device,
+        )
+        return 200, {"user_id": user_id, "access_token": token, "device_id": device}
+
+    resource.add_route("GET", "users", list_users)
+    resource.add_route("PUT", f"users/{USER}", put_user)
+    resource.add_route("POST", f"users/{USER}/login", login_as)
+
+
 def mount_host_resources(host: EmbeddedHost) -> None:
-    """Register the embedded host's own endpoints."""
+    """Register the embedded host's own endpoints (after the module's)."""
+    if host.service.admin_resource is not None:
+        add_account_admin_routes(host, host.service.admin_resource)
+    host.register_resource(
+        SYNAPSE_ADMIN_USERS, build_synapse_compat_resource(host.service)
+    )
     login = _login_resource(host)
     whoami = _whoami_resource(host)
     logout = _logout_resource(host)
