@@ -1,0 +1,1 @@
+"""Interoperability tests against real client implementations (run by tox -e interop)."""
