@@ -41,6 +41,21 @@ class Requester:
     raw: Any = attr.ib(default=None, eq=False, repr=False)
 
 
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class HostDevices:
+    """What the host knows of some devices.
+
+    Attributes:
+        names: user -> device -> display name, for devices that have one.
+        existing: user -> the device ids that still exist, when the host keeps
+            devices apart from the module (Synapse: a device deleted there must
+            not be served); None when the module is told of every deletion.
+    """
+
+    names: dict[str, dict[str, str]]
+    existing: dict[str, set[str]] | None = None
+
+
 class Host(Protocol):
     """What the module asks of its host."""
 
@@ -84,16 +99,26 @@ class Host(Protocol):
     async def get_device_ids(self, user_id: str) -> set[str] | None:
         """The user's device ids as the host knows them, or None if unknown."""
 
-    async def get_device_display_names(
-        self, user_devices: dict[str, list[str]]
-    ) -> dict[str, dict[str, str]]:
-        """Display names of the given devices that have one."""
+    async def get_devices(self, user_devices: dict[str, list[str]]) -> HostDevices:
+        """What the host knows of the given devices (names, existence)."""
 
     async def run_in_threadpool(self, pool: ThreadPool, fn: Callable[[], T]) -> T:
         """Run ``fn`` in ``pool`` and return its result."""
 
-    def notify_keys_changed(self, user_ids: list[str]) -> None:
-        """Tell the homeserver that these users' keys changed (device lists)."""
+    def notify_device_update(self, user_id: str, device_ids: list[str]) -> None:
+        """Tell the homeserver's device-list stream that keys changed.
+
+        ``device_ids`` are device ids, or cross-signing public keys for a
+        master / self-signing key change (as Synapse does). Fire and forget.
+        """
+
+    def notify_user_signature_update(
+        self, from_user_id: str, user_ids: list[str]
+    ) -> None:
+        """Tell the homeserver that ``from_user_id`` signed these users' keys.
+
+        Only the signer is told (a user-signing key is private). Fire and forget.
+        """
 
 
 def pool_runner(host: Host) -> Callable[[ThreadPool, Callable[[], T]], Awaitable[T]]:

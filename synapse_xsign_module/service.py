@@ -89,9 +89,8 @@ class XSignService:
             return
         self.migrate()
         self.db.start()
-        pool = self.signatures.pool
-        pool.start()
-        self.reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+        self.signatures.pool.start()
+        self.reactor.addSystemEventTrigger("during", "shutdown", self.signatures.stop)
         self._started = True
         logger.info(
             "synapse-xsign ready: database %s (%s), schema %s",
@@ -102,8 +101,7 @@ class XSignService:
 
     def stop(self) -> None:
         """Stop the thread pools (tests; the reactor does it on shutdown)."""
-        if self.signatures.pool.started:
-            self.signatures.pool.stop()
+        self.signatures.stop()
         self.db.close()
         self._started = False
 

@@ -155,7 +155,13 @@ class AdminHandler:
             user_id,
             removed,
         )
-        self._host.notify_keys_changed([user_id])
+        public = [
+            key["public_key"]
+            for kt, key in (data or {}).get("cross_signing", {}).items()
+            if key is not None and kt != "user_signing"
+        ]
+        if public:
+            self._host.notify_device_update(user_id, public)
         return {"retired_keys": removed}
 
     async def delete_device_keys(
@@ -168,7 +174,7 @@ class AdminHandler:
         logger.info(
             "Admin %s removed the keys of device %s of %s", admin, device_id, user_id
         )
-        self._host.notify_keys_changed([user_id])
+        self._host.notify_device_update(user_id, [device_id])
         return {}
 
     async def stats(self) -> JsonDict:

@@ -39,6 +39,7 @@ from synapse_xsign_module.jsonutil import canonical_json
 from synapse_xsign_module.storage.cross_signing import (
     KEY_TYPES,
     MASTER,
+    USER_SIGNING,
     CrossSigningStore,
     IdentityChanged,
     NewKey,
@@ -181,11 +182,27 @@ class CrossSigningHandler:
             logger.info(
                 "Stored cross-signing keys %s for %s", sorted(new_keys), user_id
             )
-            self._host.notify_keys_changed([user_id])
+            self._notify(user_id, current, new_keys)
             return {}
         raise MatrixError(
             409, Codes.UNKNOWN, "Cross-signing keys are being changed concurrently"
         )
+
+    def _notify(
+        self, user_id: str, current: dict[str, StoredKey], new_keys: dict[str, NewKey]
+    ) -> None:
+        """Announce the change as Synapse does: master/SSK as pseudo devices."""
+        changed = [
+            kt
+            for kt, key in new_keys.items()
+            if kt not in current or current[kt].key_json != key.key_json
+        ]
+        public = [new_keys[kt].public_key for kt in changed if kt != USER_SIGNING]
+        if public:
+            self._host.notify_device_update(user_id, public)
+        if USER_SIGNING in changed:
+            # The USK is private: only its owner hears of it.
+            self._host.notify_user_signature_update(user_id, [user_id])
 
     def _validate(
         self,

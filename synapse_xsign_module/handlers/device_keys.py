@@ -17,7 +17,7 @@ from synapse_xsign_module.handlers.validation import (
     require_str_map,
     server_of,
 )
-from synapse_xsign_module.host import Host, Requester
+from synapse_xsign_module.host import Host, HostDevices, Requester
 from synapse_xsign_module.http.base import JsonDict
 from synapse_xsign_module.jsonutil import canonical_json
 from synapse_xsign_module.storage.cross_signing import (
@@ -153,7 +153,7 @@ class DeviceKeysHandler:
             self._clock.time_msec(),
         )
         if result.device_keys_changed:
-            self._host.notify_keys_changed([requester.user_id])
+            self._host.notify_device_update(requester.user_id, [requester.device_id])
         counts = dict(result.one_time_key_counts)
         counts.setdefault(DEFAULT_OTK_ALGORITHM, 0)
         return {"one_time_key_counts": counts}
@@ -197,17 +197,17 @@ class DeviceKeysHandler:
                 failures[server] = remote_failure(server)
 
         snapshot = await self._query_store.fetch(local, requester.user_id)
-        names = await self._host.get_device_display_names(
+        devices = await self._host.get_devices(
             {u: list(d) for u, d in snapshot.device_keys.items()}
         )
-        return self._render_query(requester, local, snapshot, names, failures)
+        return self._render_query(requester, local, snapshot, devices, failures)
 
     @staticmethod
     def _render_query(
         requester: Requester,
         local: dict[str, list[str]],
         snap: KeySnapshot,
-        names: dict[str, dict[str, str]],
+        devices: HostDevices,
         failures: JsonDict,
     ) -> JsonDict:
         device_keys: JsonDict = {}
@@ -216,11 +216,18 @@ class DeviceKeysHandler:
         user_signing_keys: JsonDict = {}
         for user_id in local:
             devices_out: JsonDict = {}
+            existing = (
+                devices.existing.get(user_id, set())
+                if devices.existing is not None
+                else None
+            )
             for device_id, key_json in snap.device_keys.get(user_id, {}).items():
+                if existing is not None and device_id not in existing:
+                    continue  # deleted in the host: never served
                 obj = json.loads(key_json)
                 _merge_signatures(obj, snap.signatures.get((user_id, device_id)))
                 unsigned: JsonDict = {}
-                name = names.get(user_id, {}).get(device_id)
+                name = devices.names.get(user_id, {}).get(device_id)
                 if name is not None:
                     unsigned["device_display_name"] = name
                 obj["unsigned"] = unsigned
@@ -231,9 +238,17 @@ class DeviceKeysHandler:
             master = keys.get(MASTER)
             if master is not None:
                 obj = json.loads(master.key_json)
-                _merge_signatures(
-                    obj, snap.signatures.get((user_id, master.public_key))
-                )
+                sigs = snap.signatures.get((user_id, master.public_key)) or []
+                if existing is not None:
+                    # Signatures by devices deleted in the host are not served.
+                    sigs = [
+                        sig
+                        for sig in sigs
+                        if sig[0] != user_id
+                        or not sig[1].startswith("ed25519:")
+                        or sig[1][len("ed25519:") :] in existing
+                    ]
+                _merge_signatures(obj, sigs)
                 master_keys[user_id] = obj
             ssk = keys.get(SELF_SIGNING)
             if ssk is not None:

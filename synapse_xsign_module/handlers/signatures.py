@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import attr
 
-from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
 from synapse_xsign_module.clock import Clock
@@ -46,6 +45,9 @@ from synapse_xsign_module.storage.signatures import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Fewest signatures per executor slice; smaller batches verify in one thread.
+MIN_SLICE = 64
 
 
 class ItemFailure(Exception):
@@ -111,6 +113,9 @@ class SignatureHandler:
         self._workers = max(1, os.cpu_count() or 1)
         self._pool = crypto_pool or ThreadPool(
             minthreads=1, maxthreads=self._workers, name="xsign-crypto"
+        )
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._workers, thread_name_prefix="xsign-verify"
         )
 
     @property
@@ -179,9 +184,21 @@ class SignatureHandler:
         for i in stale:
             user_id, key_id = pending[i].item
             fail(user_id, key_id, Codes.UNKNOWN, "The key changed during the upload")
-        if len(stale) < len(pending):
-            self._host.notify_keys_changed([me])
+        stored = [c for i, c in enumerate(pending) if i not in set(stale)]
+        self._notify(me, stored)
         return {"failures": failures}
+
+    def _notify(self, me: str, stored: list[_Check]) -> None:
+        """Announce new signatures as Synapse does."""
+        own = sorted(
+            {c.pending.target_key_id for c in stored if c.pending.target_user_id == me}
+        )
+        if own:
+            self._host.notify_device_update(me, own)
+        others = sorted({c.pending.target_user_id for c in stored} - {me})
+        if others:
+            # Signatures by a user-signing key are seen by the signer alone.
+            self._host.notify_user_signature_update(me, others)
 
     def _own_item(
         self,
@@ -347,6 +364,10 @@ class SignatureHandler:
     async def _verify(self, checks: list[_Check]) -> set[tuple[str, str]]:
         """Verify every signature off the reactor, spread over the cores.
 
+        One thread-pool call (one Deferred, which keeps Synapse's log contexts
+        simple) that fans large batches out over an executor, one thread per
+        core; libsodium releases the GIL while it verifies.
+
         Returns:
             The items with at least one invalid signature.
         """
@@ -354,32 +375,32 @@ class SignatureHandler:
             return set()
         if not self._pool.started:
             self._pool.start()
-        parts = max(1, min(self._workers, len(checks) // 32 or 1))
+        return await self._host.run_in_threadpool(
+            self._pool, lambda: self._verify_batch(checks)
+        )
+
+    def _verify_batch(self, checks: list[_Check]) -> set[tuple[str, str]]:
+        parts = max(1, min(self._workers, len(checks) // MIN_SLICE))
+        if parts == 1:
+            return _invalid_items(checks)
         size = -(-len(checks) // parts)
         slices = [checks[i : i + size] for i in range(0, len(checks), size)]
-
-        def job(batch: list[_Check]) -> Callable[[], set[tuple[str, str]]]:
-            def run() -> set[tuple[str, str]]:
-                return {
-                    c.item
-                    for c in batch
-                    if not has_valid_signature(
-                        c.obj, c.signer_user, c.key_id, c.public_key
-                    )
-                }
-
-            return run
-
         bad: set[tuple[str, str]] = set()
-        results = await defer.gatherResults(
-            [defer.ensureDeferred(self._run(job(batch))) for batch in slices],
-            consumeErrors=True,
-        )
-        for r in results:
-            bad |= r
+        for result in self._executor.map(_invalid_items, slices):
+            bad |= result
         return bad
 
-    async def _run(
-        self, fn: Callable[[], set[tuple[str, str]]]
-    ) -> set[tuple[str, str]]:
-        return await self._host.run_in_threadpool(self._pool, fn)
+    def stop(self) -> None:
+        """Stop the verification threads."""
+        if self._pool.started:
+            self._pool.stop()
+        self._executor.shutdown(wait=False)
+
+
+def _invalid_items(checks: list[_Check]) -> set[tuple[str, str]]:
+    """The items of ``checks`` with a signature that does not verify."""
+    return {
+        c.item
+        for c in checks
+        if not has_valid_signature(c.obj, c.signer_user, c.key_id, c.public_key)
+    }

@@ -13,9 +13,9 @@ from twisted.web.server import Request
 
 from synapse_xsign_module.config import XSignConfig, parse_config
 from synapse_xsign_module.errors import ConfigError
-from synapse_xsign_module.host import Requester
+from synapse_xsign_module.host import HostDevices, Requester
 from synapse_xsign_module.hosts import synapse_internals
-from synapse_xsign_module.http.base import JsonDict
+from synapse_xsign_module.http.base import JsonDict, JsonResource
 from synapse_xsign_module.service import XSignService
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class SynapseHost:
 
     def register_resource(self, path: str, resource: Resource) -> None:
         """Register through ``ModuleApi.register_web_resource``."""
+        if isinstance(resource, JsonResource):
+            resource.request_runner = synapse_internals.request_runner()
         self._api.register_web_resource(path, resource)
 
     async def authenticate(
@@ -85,14 +87,18 @@ class SynapseHost:
         )
 
     async def get_device_ids(self, user_id: str) -> set[str] | None:
-        """Unknown through the public API."""
-        return None
+        """The user's devices in Synapse."""
+        devices = await synapse_internals.get_devices(self._api, [user_id])
+        return set(devices.get(user_id, {}))
 
-    async def get_device_display_names(
-        self, user_devices: dict[str, list[str]]
-    ) -> dict[str, dict[str, str]]:
-        """Not available through the public API."""
-        return {}
+    async def get_devices(self, user_devices: dict[str, list[str]]) -> HostDevices:
+        """Synapse's devices of these users: names, and which still exist."""
+        devices = await synapse_internals.get_devices(self._api, list(user_devices))
+        names = {
+            u: {d: n for d, n in devs.items() if n is not None}
+            for u, devs in devices.items()
+        }
+        return HostDevices(names, {u: set(devs) for u, devs in devices.items()})
 
     async def run_in_threadpool(self, pool: ThreadPool, fn: Callable[[], T]) -> T:
         """``ModuleApi.defer_to_threadpool`` where Synapse has it (log contexts)."""
@@ -103,9 +109,17 @@ class SynapseHost:
         out: T = await threads.deferToThreadPool(self._reactor, pool, fn)
         return out
 
-    def notify_keys_changed(self, user_ids: list[str]) -> None:
-        """Device-list notification comes with the Synapse integration work."""
-        logger.debug("Keys changed for %s", user_ids)
+    def notify_device_update(self, user_id: str, device_ids: list[str]) -> None:
+        """Poke Synapse's device-list stream (``/sync`` ``device_lists``)."""
+        synapse_internals.notify_device_update(self._api, user_id, device_ids)
+
+    def notify_user_signature_update(
+        self, from_user_id: str, user_ids: list[str]
+    ) -> None:
+        """Poke Synapse's user-signature stream (the signer's ``/sync``)."""
+        synapse_internals.notify_user_signature_update(
+            self._api, from_user_id, user_ids
+        )
 
 
 class XSignModule:
@@ -132,6 +146,16 @@ class XSignModule:
         self.service.start()
         self.paths = self.service.mount()
         logger.info("synapse-xsign registered %d paths", len(self.paths))
+        shadowed = synapse_internals.key_paths_shadowed(api)
+        self.service.admin.status["key_paths_shadowed"] = shadowed
+        if shadowed:
+            logger.warning(
+                "synapse-xsign: every HTTP listener of this process has the 'client' "
+                "or 'media' resource, so Synapse answers /_matrix/client/*/keys/* "
+                "itself and this module's key endpoints are never reached. Add a "
+                "listener without 'client' (resources: []) and route the key paths "
+                "to it in the reverse proxy (README: 'Running inside Synapse')."
+            )
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> XSignConfig:

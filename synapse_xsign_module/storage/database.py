@@ -28,6 +28,7 @@ from twisted.python import threadable
 from twisted.python.threadpool import ThreadPool
 
 from synapse_xsign_module.config import DatabaseConfig
+from synapse_xsign_module.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +116,20 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
     ):
         # A bare postgresql:// URL means psycopg 3, the driver we ship with.
         url = url.set(drivername="postgresql+psycopg")
-    return create_engine(
-        url,
-        pool_size=config.threadpool_size,
-        max_overflow=0,
-        pool_pre_ping=True,
-        isolation_level="READ COMMITTED",
-    )
+    try:
+        return create_engine(
+            url,
+            pool_size=config.threadpool_size,
+            max_overflow=0,
+            pool_pre_ping=True,
+            isolation_level="READ COMMITTED",
+        )
+    except ImportError as e:
+        raise ConfigError(
+            "database.url",
+            f"this URL needs a driver that is not installed ({e.name}); "
+            "install 'synapse_xsign_module[postgres]'",
+        ) from e
 
 
 def _setup_sqlite(engine: Engine, busy_timeout_ms: int, wal: bool) -> None:

@@ -106,6 +106,10 @@ def upload_txn(
         MatrixError: 400 when a one-time key id is re-used with other content;
             the transaction then rolls back and nothing is stored.
     """
+    # Serialize a device's uploads before reading anything: two identical
+    # uploads at once (a client retrying) would both see nothing stored and the
+    # second insert would hit a unique key (500). SQLite's writers are serial.
+    lock_users(conn, [user_id])
     changed = False
     if new_device_keys is not None:
         new_json = canonical_json(new_device_keys)
@@ -116,7 +120,6 @@ def upload_txn(
         ).scalar()
         if old_json != new_json:
             changed = True
-            lock_users(conn, [user_id])
             if old_json is None:
                 conn.execute(
                     device_keys.insert().values(

@@ -123,6 +123,47 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
             server.wait(timeout=10)
 
 
+def run_script(base_url: str, passwords: dict[str, str], log: str) -> dict[str, Any]:
+    """Run interop.mjs against a homeserver whose users exist; its report.
+
+    Args:
+        base_url: the client-server base URL (the embedded host, or a routing
+            front in front of Synapse).
+        passwords: localpart -> password of alice, bob and carol.
+        log: the server's log file, quoted when the script fails.
+
+    Raises:
+        InteropError: the script failed or reported a failure.
+    """
+    env = {**os.environ, "XSIGN_INTEROP_CREDENTIALS": json.dumps(passwords)}
+    try:
+        done = subprocess.run(
+            ["node", SCRIPT, base_url],
+            cwd=HERE,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise InteropError(
+            f"interop.mjs ran over {SCRIPT_TIMEOUT}s; server log:\n{_tail(log)}"
+        ) from e
+    lines = [
+        line[len(RESULT_MARKER) :]
+        for line in done.stdout.splitlines()
+        if line.startswith(RESULT_MARKER)
+    ]
+    report: dict[str, Any] | None = json.loads(lines[-1]) if lines else None
+    if done.returncode != 0 or report is None or not report.get("ok"):
+        raise InteropError(
+            f"interop.mjs exited {done.returncode}; report: {report}\n"
+            f"--- script stderr:\n{done.stderr[-4000:]}\n"
+            f"--- server log:\n{_tail(log)}"
+        )
+    return report
+
+
 def run_scenario() -> dict[str, Any]:
     """Run the whole scenario once against a fresh server; the script's report."""
     workdir = tempfile.mkdtemp(prefix="xsign-interop-")
@@ -168,39 +209,9 @@ def run_scenario() -> dict[str, Any]:
             )
         try:
             _wait_healthy(base_url, server, log)
-            env = {
-                **os.environ,
-                "XSIGN_INTEROP_CREDENTIALS": json.dumps(passwords),
-            }
-            try:
-                done = subprocess.run(
-                    ["node", SCRIPT, base_url],
-                    cwd=HERE,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=SCRIPT_TIMEOUT,
-                )
-            except subprocess.TimeoutExpired as e:
-                raise InteropError(
-                    f"interop.mjs ran over {SCRIPT_TIMEOUT}s; server log:\n{_tail(log)}"
-                ) from e
+            return run_script(base_url, passwords, log)
         finally:
             _stop(server)
-
-        lines = [
-            line[len(RESULT_MARKER) :]
-            for line in done.stdout.splitlines()
-            if line.startswith(RESULT_MARKER)
-        ]
-        report: dict[str, Any] | None = json.loads(lines[-1]) if lines else None
-        if done.returncode != 0 or report is None or not report.get("ok"):
-            raise InteropError(
-                f"interop.mjs exited {done.returncode}; report: {report}\n"
-                f"--- script stderr:\n{done.stderr[-4000:]}\n"
-                f"--- server log:\n{_tail(log)}"
-            )
-        return report
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -213,13 +224,20 @@ class RustSdkInteropTest(unittest.TestCase):
 
     _report: dict[str, Any] | None = None
     _failure: str | None = None
+    #: Server name of the users the scenario runs with.
+    server_name = SERVER_NAME
+
+    @classmethod
+    def scenario(cls) -> dict[str, Any]:
+        """Run the scenario once; subclasses point it at another server."""
+        return run_scenario()
 
     def report(self) -> dict[str, Any]:
         """The scenario's report, running it on first use."""
         cls = type(self)
         if cls._report is None and cls._failure is None:
             try:
-                cls._report = run_scenario()
+                cls._report = cls.scenario()
             except InteropError as e:
                 cls._failure = str(e)
         if cls._failure is not None:
@@ -303,11 +321,13 @@ class RustSdkInteropTest(unittest.TestCase):
         self.assertTrue(raw["bob_queries_alice"]["has_alice_master"])
         self.assertTrue(raw["bob_queries_alice"]["has_alice_self_signing"])
         self.assertNotIn(
-            "@alice:interop.test", raw["bob_queries_alice"]["user_signing_keys_users"]
+            f"@alice:{self.server_name}",
+            raw["bob_queries_alice"]["user_signing_keys_users"],
         )
         self.assertEqual(raw["bob_queries_alice"]["user_signing_keys_users"], [])
         self.assertEqual(
-            raw["bob_queries_self"]["user_signing_keys_users"], ["@bob:interop.test"]
+            raw["bob_queries_self"]["user_signing_keys_users"],
+            [f"@bob:{self.server_name}"],
         )
         self.assertEqual(raw["carol_queries_bob"]["user_signing_keys_users"], [])
 

@@ -13,7 +13,7 @@ from twisted.web.server import Request
 
 from synapse_xsign_module.config import XSignConfig
 from synapse_xsign_module.errors import Codes, MatrixError
-from synapse_xsign_module.host import Requester
+from synapse_xsign_module.host import HostDevices, Requester
 from synapse_xsign_module.hosts.embedded.accounts import AccountStore
 from synapse_xsign_module.hosts.embedded.host_auth import get_access_token
 from synapse_xsign_module.hosts.embedded.uia import UIASessions
@@ -99,21 +99,29 @@ class EmbeddedHost:
         """The user's devices."""
         return set(await self.accounts.device_ids(user_id))
 
-    async def get_device_display_names(
-        self, user_devices: dict[str, list[str]]
-    ) -> dict[str, dict[str, str]]:
-        """Display names set at login."""
+    async def get_devices(self, user_devices: dict[str, list[str]]) -> HostDevices:
+        """Display names set at login (logout removes keys itself)."""
         if not user_devices:
-            return {}
-        return dict(await self.accounts.display_names(user_devices))
+            return HostDevices({})
+        return HostDevices(dict(await self.accounts.display_names(user_devices)))
 
     async def run_in_threadpool(self, pool: ThreadPool, fn: Callable[[], T]) -> T:
         """Run ``fn`` in ``pool``."""
         result: T = await threads.deferToThreadPool(self._reactor, pool, fn)
         return result
 
-    def notify_keys_changed(self, user_ids: list[str]) -> None:
+    def notify_device_update(self, user_id: str, device_ids: list[str]) -> None:
         """No device-list stream here; remembered for tests and logged."""
-        self.changed_users.extend(user_ids)
+        self._remember(user_id)
+        logger.debug("Device keys changed for %s: %s", user_id, device_ids)
+
+    def notify_user_signature_update(
+        self, from_user_id: str, user_ids: list[str]
+    ) -> None:
+        """No device-list stream here; remembered for tests and logged."""
+        self._remember(from_user_id)
+        logger.debug("%s signed the keys of %s", from_user_id, user_ids)
+
+    def _remember(self, user_id: str) -> None:
+        self.changed_users.append(user_id)
         del self.changed_users[:-1000]
-        logger.debug("Keys changed for %s", user_ids)

@@ -150,7 +150,8 @@ def _logout_resource(host: EmbeddedHost) -> JsonResource:
         assert token is not None
         await host.accounts.logout(token)
         logger.info("%s logged out of device %s", who.user_id, who.device_id)
-        host.notify_keys_changed([who.user_id])
+        if who.device_id is not None:
+            host.notify_device_update(who.user_id, [who.device_id])
         return 200, {}
 
     resource.add_route("POST", "", logout)
@@ -217,7 +218,7 @@ def add_account_admin_routes(host: EmbeddedHost, resource: JsonResource) -> None
             "set" if password else "unchanged",
         )
         if deactivated:
-            host.notify_keys_changed([user_id])
+            host.notify_device_update(user_id, [])
         return (201 if created else 200), _user_json(user)
 
     async def login_as(request: Request, user_id: str) -> tuple[int, JsonDict]:
