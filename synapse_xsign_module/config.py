@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import attr
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from synapse_xsign_module.errors import ConfigError
 
@@ -165,7 +167,14 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
     )
     d = DatabaseConfig()
     url = _get(db_raw, "database", "url", str, d.url)
-    if not (url.startswith(("sqlite", "postgresql"))):
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ConfigError(
+            "database.url",
+            f"not a database URL: {url!r} (use sqlite:///path or postgresql://...)",
+        ) from None
+    if backend not in ("sqlite", "postgresql"):
         raise ConfigError(
             "database.url", "only sqlite:// and postgresql:// URLs are supported"
         )

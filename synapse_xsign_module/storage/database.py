@@ -197,6 +197,11 @@ class Database:
         """Start the thread pool and stop it when the reactor shuts down."""
         if self._started:
             return
+        if self._pool.joined:
+            # Stopped by close(): a ThreadPool cannot be restarted.
+            self._pool = ThreadPool(
+                minthreads=1, maxthreads=self._config.threadpool_size, name="xsign-db"
+            )
         self._pool.start()
         self._started = True
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
+from sqlalchemy.exc import OperationalError
 
 from synapse_xsign_module import __version__
 from synapse_xsign_module.config import XSignConfig, parse_config
@@ -40,16 +42,25 @@ def load_config(path: str) -> XSignConfig:
     return parse_config(raw)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: str | None = None) -> None:
+    prefix = f"[{worker}] " if worker else ""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
 
-def cmd_run(config: XSignConfig) -> int:
-    """Start the embedded host and serve until SIGTERM/SIGINT."""
+def cmd_run(config: XSignConfig, listen_fd: int | None = None) -> int:
+    """Start the embedded host and serve until SIGTERM/SIGINT.
+
+    Args:
+        config: the configuration.
+        listen_fd: an inherited listening socket (a worker of ``--workers``);
+            otherwise the configured address and port are bound.
+    """
+    import socket
+
     from twisted.internet import reactor
 
     from synapse_xsign_module.hosts.embedded.host import EmbeddedHost
@@ -57,13 +68,25 @@ def cmd_run(config: XSignConfig) -> int:
 
     r: Any = reactor
     host = EmbeddedHost(config, r)
-    host.service.start()
+    try:
+        host.service.start()
+    except OperationalError as e:
+        logger.error(
+            "Cannot use the database %s: %s", host.service.db.describe(), e.orig
+        )
+        return 1
     host.mount()
     emb = config.embedded
     site = XSignSite(
         host.root, config.max_request_body_size, emb.x_forwarded, emb.access_log
     )
-    port = r.listenTCP(emb.port, site, interface=emb.bind_address)
+    if listen_fd is not None:
+        probe = socket.socket(fileno=os.dup(listen_fd))  # detects the family
+        family = probe.family
+        probe.close()
+        port = r.adoptStreamPort(listen_fd, family, site)
+    else:
+        port = r.listenTCP(emb.port, site, interface=emb.bind_address)
     address = port.getHost()
     logger.info(
         "synapse-xsign %s listening on http://%s:%d for server %s",
@@ -142,7 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="serve (the default)")
+    run = sub.add_parser("run", help="serve (the default)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serve with N processes sharing the port (PostgreSQL only)",
+    )
+    run.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-name", help=argparse.SUPPRESS)
     sub.add_parser("migrate", help="apply database migrations and exit")
     reg = sub.add_parser("register-user", help="create or update a user")
     reg.add_argument("user", help="user id or localpart")
@@ -159,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``synapse-xsign``."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, getattr(args, "worker_name", None))
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -169,7 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_migrate(config)
     if args.command == "register-user":
         return cmd_register_user(config, args)
-    return cmd_run(config)
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers > 1:
+        from synapse_xsign_module.hosts.embedded.workers import run_workers
+
+        return run_workers(config, args.config, workers, args.log_level)
+    return cmd_run(config, getattr(args, "listen_fd", None))
 
 
 if __name__ == "__main__":

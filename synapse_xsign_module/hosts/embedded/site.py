@@ -31,9 +31,10 @@ class XSignRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         """Flag a declared length over the limit before any body arrives."""
-        super().gotLength(length)  # type: ignore[no-untyped-call]
         if length is not None and length > self.max_body:
             self.xsign_body_too_large = True
+            length = 0  # an in-memory buffer that will stay empty, no temp file
+        super().gotLength(length)  # type: ignore[no-untyped-call]
 
     def handleContentChunk(self, data: bytes) -> None:
         """Buffer body data only while under the limit."""

@@ -1,0 +1,122 @@
+"""Running the embedded host as several processes sharing one listening socket.
+
+The parent binds the port once, runs the migrations once, and starts N worker
+processes that each adopt the socket (the kernel spreads connections over
+them). Workers keep no state another would need: UIA sessions, one-time key
+claims and key replacements all live in the (PostgreSQL) database. The parent
+forwards SIGTERM/SIGINT to the workers; if one dies, it stops the others and
+exits non-zero so that a supervisor can restart the whole set.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from synapse_xsign_module.config import XSignConfig
+from synapse_xsign_module.storage import migrate
+from synapse_xsign_module.storage.database import Database
+
+logger = logging.getLogger(__name__)
+
+
+def bind_socket(address: str, port: int) -> socket.socket:
+    """A listening TCP socket that child processes can inherit."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_workers(
+    config: XSignConfig, config_path: str, count: int, log_level: str
+) -> int:
+    """Supervise ``count`` worker processes; returns the exit status.
+
+    Args:
+        config: the parsed configuration.
+        config_path: the config file, handed to the workers.
+        count: number of worker processes.
+        log_level: passed to the workers.
+    """
+    db = Database(config.database, reactor=None)
+    try:
+        if db.engine_name == "sqlite":
+            logger.error(
+                "--workers needs PostgreSQL: several processes on one SQLite file "
+                "would serialize every write (set database.url to postgresql://...)"
+            )
+            return 2
+        revision = migrate.upgrade(db.engine)
+    finally:
+        db.close()
+    emb = config.embedded
+    sock = bind_socket(emb.bind_address, emb.port)
+    host, port = sock.getsockname()[:2]
+    logger.info(
+        "synapse-xsign supervisor: %d workers on http://%s:%d, schema %s",
+        count,
+        host,
+        port,
+        revision,
+    )
+    children: list[subprocess.Popen[bytes]] = []
+    for index in range(count):
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "synapse_xsign_module.hosts.embedded.cli",
+                    "--config",
+                    config_path,
+                    "--log-level",
+                    log_level,
+                    "run",
+                    "--listen-fd",
+                    str(sock.fileno()),
+                    "--worker-name",
+                    f"worker{index}",
+                ],
+                pass_fds=(sock.fileno(),),
+            )
+        )
+    sock.close()
+
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while any(c.poll() is None for c in children):
+        for child in children:
+            code = child.poll()
+            if code is not None and code != 0 and not stopping:
+                logger.error(
+                    "worker %d exited with %d; stopping the others", child.pid, code
+                )
+                status = 1
+                forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    if not stopping and status == 0:
+        status = 1  # every worker went away on its own
+    logger.info("synapse-xsign supervisor: all workers stopped")
+    return (
+        status if not stopping else max(status, *(c.returncode or 0 for c in children))
+    )

@@ -1,0 +1,469 @@
+"""Tests of the Database: thread pool, one transaction per run, retries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from twisted.internet import defer
+from twisted.python import threadable
+from twisted.trial import unittest
+
+from synapse_xsign_module.config import DatabaseConfig
+from synapse_xsign_module.storage.database import Database, is_retryable
+from synapse_xsign_module.storage.schema import host_users
+from tests.utils import prepare_database, test_db_url
+
+BUSY_TIMEOUT_MS = 1234
+
+
+class _FakePgError(Exception):
+    """A DB-API error carrying a SQLSTATE, as psycopg's errors do."""
+
+    def __init__(self, msg: str, sqlstate: str | None = None) -> None:
+        super().__init__(msg)
+        self.sqlstate = sqlstate
+
+
+class _FakePsycopg2Error(Exception):
+    """A DB-API error carrying the SQLSTATE as ``pgcode``, as psycopg2's do."""
+
+    def __init__(self, msg: str, pgcode: str) -> None:
+        super().__init__(msg)
+        self.pgcode = pgcode
+
+
+def add_user(conn: Connection, user_id: str) -> None:
+    """Insert one account row."""
+    conn.execute(host_users.insert().values(user_id=user_id, created_ts=1))
+
+
+def user_ids(conn: Connection) -> list[str]:
+    """Every account id, sorted."""
+    return list(
+        conn.execute(select(host_users.c.user_id).order_by("user_id")).scalars()
+    )
+
+
+class DatabaseTestCase(unittest.TestCase):
+    """A migrated, empty database of the engine under test."""
+
+    max_attempts = 5
+
+    def setUp(self) -> None:
+        self.url = test_db_url()
+        self.config = DatabaseConfig(
+            url=self.url,
+            threadpool_size=3,
+            sqlite_busy_timeout_ms=BUSY_TIMEOUT_MS,
+            max_attempts=self.max_attempts,
+        )
+        self.db = prepare_database(self.config)
+        self.addCleanup(self.db.close)
+        if self.url.startswith("sqlite:///"):
+            path = self.url[len("sqlite:///") :]
+            self.addCleanup(_remove_files, path)
+
+    @property
+    def is_postgres(self) -> bool:
+        """Whether the engine under test is PostgreSQL."""
+        return self.db.engine_name == "postgresql"
+
+    async def all_users(self) -> list[str]:
+        """Every account id, read in a transaction of its own."""
+        result: list[str] = await self.db.run_read("users", user_ids)
+        return result
+
+    def raise_retryable(self, conn: Connection, sqlstate: str = "40001") -> None:
+        """Fail the current transaction the way the database does under contention.
+
+        On PostgreSQL a real error with the given SQLSTATE is raised by the
+        server; on SQLite the "database is locked" error of the driver.
+        """
+        if self.is_postgres:
+            name = {"40001": "serialization_failure", "40P01": "deadlock_detected"}[
+                sqlstate
+            ]
+            conn.exec_driver_sql(
+                f"DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '{name}'; END $$"
+            )
+            raise AssertionError("the DO block did not raise")
+        if sqlstate == "40001":
+            raise OperationalError(
+                "x", None, sqlite3.OperationalError("database is locked")
+            )
+        raise OperationalError("x", None, _FakePgError("deadlock", sqlstate))
+
+
+class _ListHandler(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def capture_logs(case: unittest.TestCase, name: str) -> list[logging.LogRecord]:
+    """Collect the records of logger ``name`` for the rest of the test."""
+    handler = _ListHandler()
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    case.addCleanup(logger.removeHandler, handler)
+    return handler.records
+
+
+def _remove_files(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.remove(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+class RunTest(DatabaseTestCase):
+    """Database.run: where the work runs and what one run commits."""
+
+    async def test_run_returns_deferred_and_runs_off_the_reactor_thread(self) -> None:
+        """run() returns a Deferred; the function runs in a pool thread with its args."""
+        seen: dict[str, Any] = {}
+
+        def fn(conn: Connection, a: int, b: int = 0) -> int:
+            seen["io_thread"] = threadable.isInIOThread()
+            seen["thread"] = threading.current_thread()
+            seen["in_txn"] = conn.in_transaction()
+            return a + b
+
+        d = self.db.run("add", fn, 2, b=3)
+        self.assertIsInstance(d, defer.Deferred)
+        self.assertEqual(await d, 5)
+        self.assertIs(seen["io_thread"], False)
+        self.assertIsNot(seen["thread"], threading.main_thread())
+        self.assertIs(seen["in_txn"], True)
+
+    async def test_run_read_runs_off_the_reactor_thread(self) -> None:
+        """run_read() also returns a Deferred and runs in the pool."""
+        seen: list[bool] = []
+
+        def fn(conn: Connection) -> str:
+            seen.append(threadable.isInIOThread())
+            return "ok"
+
+        d = self.db.run_read("read", fn)
+        self.assertIsInstance(d, defer.Deferred)
+        self.assertEqual(await d, "ok")
+        self.assertEqual(seen, [False])
+
+    def test_run_in_thread_refuses_the_reactor_thread(self) -> None:
+        """A transaction run directly on the reactor thread is refused."""
+        self.assertTrue(threadable.isInIOThread())
+        calls: list[int] = []
+        with self.assertRaises(RuntimeError):
+            self.db.run_in_thread("x", True, lambda conn: calls.append(1))
+        self.assertEqual(calls, [])
+
+    async def test_commit(self) -> None:
+        """Everything a successful function writes is committed together."""
+
+        def fn(conn: Connection) -> None:
+            add_user(conn, "@a:x")
+            add_user(conn, "@b:x")
+
+        before = self.db.transactions
+        await self.db.run("two", fn)
+        self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
+        self.assertEqual(self.db.transactions, before + 2)
+
+    async def test_exception_rolls_back_everything(self) -> None:
+        """An exception undoes every write of the function and reaches the caller."""
+        await self.db.run("seed", add_user, "@seed:x")
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> None:
+            attempts.append(1)
+            add_user(conn, "@a:x")
+            add_user(conn, "@b:x")
+            conn.execute(host_users.delete())
+            raise ValueError("boom")
+
+        with self.assertRaises(ValueError):
+            await self.db.run("fails", fn)
+        self.assertEqual(attempts, [1])
+        self.assertEqual(await self.all_users(), ["@seed:x"])
+        self.assertEqual(self.db.retries, 0)
+
+
+class RetryTest(DatabaseTestCase):
+    """Retries on serialization failure, deadlock and dropped connections."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.log = capture_logs(self, "synapse_xsign_module.storage.database")
+
+    async def test_serialization_failure_is_retried(self) -> None:
+        """A serialization failure on the first attempt is retried; only the retry commits."""
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> str:
+            attempts.append(1)
+            add_user(conn, f"@try{len(attempts)}:x")
+            if len(attempts) == 1:
+                self.raise_retryable(conn, "40001")
+            return "done"
+
+        self.assertEqual(await self.db.run("retry", fn), "done")
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(self.db.retries, 1)
+        self.assertEqual(await self.all_users(), ["@try2:x"])
+        warnings = [r for r in self.log if r.levelno == logging.WARNING]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("retry", warnings[0].getMessage())
+        self.assertIn("attempt 1 of 5", warnings[0].getMessage())
+
+    async def test_deadlock_is_retried(self) -> None:
+        """A deadlock (SQLSTATE 40P01) on the first attempt is retried."""
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> int:
+            attempts.append(1)
+            add_user(conn, f"@try{len(attempts)}:x")
+            if len(attempts) == 1:
+                self.raise_retryable(conn, "40P01")
+            return len(attempts)
+
+        self.assertEqual(await self.db.run("deadlock", fn), 2)
+        self.assertEqual(self.db.retries, 1)
+        self.assertEqual(await self.all_users(), ["@try2:x"])
+
+    async def test_integrity_error_is_not_retried(self) -> None:
+        """A unique violation fails at once, without a retry."""
+        await self.db.run("seed", add_user, "@dup:x")
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> None:
+            attempts.append(1)
+            add_user(conn, "@new:x")
+            add_user(conn, "@dup:x")
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("dup", fn)
+        self.assertEqual(attempts, [1])
+        self.assertEqual(self.db.retries, 0)
+        self.assertEqual(await self.all_users(), ["@dup:x"])
+
+    async def test_retryable_error_in_read_is_retried(self) -> None:
+        """run_read retries like run."""
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> int:
+            attempts.append(1)
+            if len(attempts) == 1:
+                self.raise_retryable(conn)
+            return int(
+                conn.execute(select(func.count()).select_from(host_users)).scalar_one()
+            )
+
+        self.assertEqual(await self.db.run_read("read", fn), 0)
+        self.assertEqual(len(attempts), 2)
+
+    async def test_dropped_connection_is_retried(self) -> None:
+        """On PostgreSQL a connection killed mid-transaction is retried on a new one."""
+        if not self.is_postgres:
+            raise unittest.SkipTest("needs PostgreSQL (XSIGN_TEST_POSTGRES_URL)")
+        pids: list[int] = []
+
+        def fn(conn: Connection) -> str:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            pids.append(pid)
+            add_user(conn, f"@try{len(pids)}:x")
+            if len(pids) == 1:
+                conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+            return "ok"
+
+        self.assertEqual(await self.db.run("dropped", fn), "ok")
+        self.assertEqual(len(pids), 2)
+        self.assertNotEqual(pids[0], pids[1])
+        self.assertEqual(self.db.retries, 1)
+        self.assertEqual(await self.all_users(), ["@try2:x"])
+
+
+class MaxAttemptsTest(DatabaseTestCase):
+    """max_attempts bounds the retries."""
+
+    max_attempts = 3
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.log = capture_logs(self, "synapse_xsign_module.storage.database")
+
+    async def test_max_attempts_bounds_retries(self) -> None:
+        """A function that always fails retryably runs max_attempts times, then fails."""
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> None:
+            attempts.append(1)
+            add_user(conn, f"@try{len(attempts)}:x")
+            self.raise_retryable(conn)
+
+        with self.assertRaises(DBAPIError) as cm:
+            await self.db.run("always", fn)
+        self.assertTrue(is_retryable(cm.exception))
+        self.assertEqual(len(attempts), 3)
+        self.assertEqual(self.db.retries, 2)
+        self.assertEqual(await self.all_users(), [])
+
+    async def test_single_attempt_means_no_retry(self) -> None:
+        """With max_attempts = 1 a retryable error is raised at once."""
+        self.db.max_attempts = 1
+        attempts: list[int] = []
+
+        def fn(conn: Connection) -> None:
+            attempts.append(1)
+            self.raise_retryable(conn)
+
+        with self.assertRaises(DBAPIError):
+            await self.db.run("once", fn)
+        self.assertEqual(attempts, [1])
+        self.assertEqual(self.db.retries, 0)
+
+
+class IsRetryableTest(unittest.TestCase):
+    """is_retryable on the errors drivers raise."""
+
+    def test_not_a_database_error(self) -> None:
+        """Exceptions that are not DB-API errors are never retried."""
+        self.assertFalse(is_retryable(ValueError("database is locked")))
+        self.assertFalse(is_retryable(RuntimeError("40001")))
+
+    def test_sqlite_locked(self) -> None:
+        """SQLite's "database is locked" is retried; other operational errors are not."""
+        locked = OperationalError(
+            "x", None, sqlite3.OperationalError("database is locked")
+        )
+        self.assertTrue(is_retryable(locked))
+        no_table = OperationalError(
+            "x", None, sqlite3.OperationalError("no such table: t")
+        )
+        self.assertFalse(is_retryable(no_table))
+
+    def test_sqlstates(self) -> None:
+        """40001, 40P01 and class 08 are retried; other SQLSTATEs are not."""
+        for state in ("40001", "40P01", "08006", "08003"):
+            self.assertTrue(
+                is_retryable(DBAPIError("x", None, _FakePgError("e", state))), state
+            )
+        for other in ("23505", "42P01", "22P02", None):
+            self.assertFalse(
+                is_retryable(DBAPIError("x", None, _FakePgError("e", other))), other
+            )
+
+    def test_psycopg2_pgcode(self) -> None:
+        """The SQLSTATE is also read from psycopg2's ``pgcode``."""
+        err = DBAPIError("x", None, _FakePsycopg2Error("e", "40001"))
+        self.assertTrue(is_retryable(err))
+        err = DBAPIError("x", None, _FakePsycopg2Error("e", "23505"))
+        self.assertFalse(is_retryable(err))
+
+    def test_integrity_error(self) -> None:
+        """A constraint violation is not retried."""
+        err = IntegrityError(
+            "x", None, sqlite3.IntegrityError("UNIQUE constraint failed")
+        )
+        self.assertFalse(is_retryable(err))
+
+    def test_invalidated_connection(self) -> None:
+        """An error that invalidated the connection is retried."""
+        err = DBAPIError("x", None, Exception("gone"), connection_invalidated=True)
+        self.assertTrue(is_retryable(err))
+
+    def test_closed_connection_message(self) -> None:
+        """An operational error saying the server closed the connection is retried."""
+        err = OperationalError(
+            "x", None, Exception("server closed the connection unexpectedly")
+        )
+        self.assertTrue(is_retryable(err))
+        err = OperationalError("x", None, Exception("connection lost"))
+        self.assertTrue(is_retryable(err))
+
+
+class LifecycleTest(DatabaseTestCase):
+    """Starting, closing, and the engine's connection settings."""
+
+    async def test_close_stops_the_pool(self) -> None:
+        """close() stops (and joins) the pool's threads and is safe to repeat."""
+        threads: list[threading.Thread] = []
+        await self.db.run("t", lambda conn: threads.append(threading.current_thread()))
+        self.assertTrue(threads[0].is_alive())
+        self.db.close()
+        self.assertFalse(threads[0].is_alive())
+        self.db.close()
+
+    async def test_run_after_close(self) -> None:
+        """A closed Database starts a fresh pool when used again."""
+        await self.db.run("t", lambda conn: None)
+        self.db.close()
+        result = await self.db.run("t", lambda conn: 7)
+        self.assertEqual(result, 7)
+
+    def test_close_before_start(self) -> None:
+        """close() on a Database that never ran anything is harmless."""
+        db = Database(self.config, None)
+        db.close()
+        db.close()
+
+    async def test_sqlite_wal_and_busy_timeout(self) -> None:
+        """A SQLite file is in WAL mode with the configured busy timeout and foreign keys."""
+        if self.is_postgres:
+            raise unittest.SkipTest("SQLite only")
+
+        def pragmas(conn: Connection) -> tuple[Any, Any, Any]:
+            return (
+                conn.exec_driver_sql("PRAGMA journal_mode").scalar_one(),
+                conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one(),
+                conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one(),
+            )
+
+        self.assertEqual(
+            await self.db.run_read("pragmas", pragmas), ("wal", BUSY_TIMEOUT_MS, 1)
+        )
+        with self.db.engine.connect() as conn:
+            self.assertEqual(pragmas(conn), ("wal", BUSY_TIMEOUT_MS, 1))
+
+    async def test_postgres_read_committed(self) -> None:
+        """PostgreSQL transactions run at READ COMMITTED."""
+        if not self.is_postgres:
+            raise unittest.SkipTest("PostgreSQL only")
+        level = await self.db.run_read(
+            "iso",
+            lambda conn: conn.exec_driver_sql(
+                "SHOW transaction_isolation"
+            ).scalar_one(),
+        )
+        self.assertEqual(level, "read committed")
+
+    def test_describe_hides_password(self) -> None:
+        """describe() renders the URL without its password."""
+        db = Database(
+            DatabaseConfig(url="postgresql+psycopg://xsign:s3cret@db.invalid/xsign"),
+            None,
+        )
+        self.addCleanup(db.close)
+        self.assertNotIn("s3cret", db.describe())
+        self.assertEqual(
+            db.describe(), "postgresql+psycopg://xsign:***@db.invalid/xsign"
+        )
+        self.assertEqual(db.engine_name, "postgresql")
+
+    def test_bare_postgresql_url_uses_psycopg3(self) -> None:
+        """A bare postgresql:// URL is served by the psycopg (3) driver."""
+        db = Database(DatabaseConfig(url="postgresql://u@db.invalid/x"), None)
+        self.addCleanup(db.close)
+        self.assertEqual(db.engine.dialect.driver, "psycopg")
