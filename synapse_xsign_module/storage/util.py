@@ -39,14 +39,14 @@ def upsert(
     if not rows:
         return
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    per_row = len(rows[0])
-    for part in chunks(rows, max(1, MAX_PARAMS // per_row)):
-        stmt = dialect.insert(table).values(list(part))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=key_columns,
-            set_={c: stmt.excluded[c] for c in update_columns},
-        )
-        conn.execute(stmt)
+    stmt = dialect.insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=key_columns,
+        set_={c: stmt.excluded[c] for c in update_columns},
+    )
+    # One cached statement, executed for many rows: SQLAlchemy batches them
+    # (insertmanyvalues / executemany) instead of compiling a new VALUES list.
+    conn.execute(stmt, rows)
 
 
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:

@@ -1,0 +1,239 @@
+"""The results: one record per cell, the table on stdout, the JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bench.runner import CellStats, percentile
+
+JsonDict = dict[str, Any]
+
+DEFAULT_JSON = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", "latest.json"
+)
+COLUMNS = (
+    "workload",
+    "param",
+    "concurrency",
+    "req/s",
+    "items/s",
+    "p50 ms",
+    "p99 ms",
+    "errors",
+    "verified",
+)
+
+
+def cell_record(
+    target: str,
+    workload: Any,
+    concurrency: int,
+    stats: CellStats,
+    setup_s: float,
+) -> JsonDict:
+    """The JSON record of one cell (verification fields are added later)."""
+    elapsed = stats.elapsed
+    req_s = stats.ok / elapsed if elapsed > 0 else 0.0
+    lat = stats.latencies
+    return {
+        "target": target,
+        "workload": workload.key,
+        "endpoint": workload.endpoint,
+        "param_name": workload.param_name or None,
+        "param": workload.param,
+        "concurrency": concurrency,
+        "item": workload.item,
+        "items_per_request": workload.items_per_request,
+        "requests_ok": stats.ok,
+        "requests_sent": stats.sent,
+        "errors": stats.errors,
+        "error_samples": stats.error_samples,
+        "duration_s": round(elapsed, 4),
+        "segments": stats.segments,
+        "prepare_s": round(stats.prepare_s, 3),
+        "setup_s": round(setup_s, 3),
+        "req_per_s": req_s,
+        "items_per_s": req_s * workload.items_per_request,
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p90_ms": percentile(lat, 90) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+        "max_ms": (lat[-1] * 1000) if lat else 0.0,
+        "mean_ms": (sum(lat) / len(lat) * 1000) if lat else 0.0,
+        # CPU while sending, in % of one core (the server's only when started
+        # by the bench): tells a server-bound cell from a client-bound one.
+        "bench_cpu_pct": 100 * stats.client_cpu_s / elapsed if elapsed else 0.0,
+        "server_cpu_pct": (
+            100 * stats.server_cpu_s / elapsed
+            if elapsed and stats.server_cpu_s is not None
+            else None
+        ),
+        "verified": False,
+        "signatures_verified": 0,
+        "verify_s": 0.0,
+        "verify_problem_count": 0,
+        "verify_problems": [],
+    }
+
+
+def failed_record(target: str, workload: Any, concurrency: int, why: str) -> JsonDict:
+    """A cell that could not run (its setup failed)."""
+    record = cell_record(target, workload, concurrency, CellStats(), 0.0)
+    record["verify_problem_count"] = 1
+    record["verify_problems"] = [why]
+    return record
+
+
+def _num(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(cells: Sequence[JsonDict]) -> str:
+    """A Markdown table of the cells (with a target column for several)."""
+    targets = list(dict.fromkeys(c["target"] for c in cells))
+    columns = (("target",) if len(targets) > 1 else ()) + COLUMNS
+    rows = []
+    order = {t: i for i, t in enumerate(targets)}
+    cells = sorted(
+        cells,
+        key=lambda c: (
+            c["workload"],
+            c["param"] or 0,
+            c["concurrency"],
+            order[c["target"]],
+        ),
+    )
+    for c in cells:
+        row = [c["target"]] if len(targets) > 1 else []
+        row += [
+            f"{c['workload']} {c['endpoint']}",
+            f"{c['param_name']}={c['param']}" if c["param_name"] else "-",
+            str(c["concurrency"]),
+            _num(c["req_per_s"]),
+            f"{_num(c['items_per_s'])} {c['item']}",
+            _num(c["p50_ms"]),
+            _num(c["p99_ms"]),
+            str(c["errors"]),
+            "yes" if c["verified"] else "FAILED",
+        ]
+        rows.append(row)
+    widths = [
+        max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(columns)
+    ]
+    right = {"concurrency", "req/s", "items/s", "p50 ms", "p99 ms", "errors"}
+
+    def line(values: Sequence[str]) -> str:
+        cells_out = [
+            v.rjust(w) if columns[i] in right else v.ljust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ]
+        return "| " + " | ".join(cells_out) + " |"
+
+    sep = [
+        ("-" * (w - 1) + ":") if c in right else "-" * w
+        for c, w in zip(columns, widths, strict=True)
+    ]
+    return "\n".join([line(columns), line(sep), *(line(r) for r in rows)])
+
+
+def signature_fractions(
+    cells: Sequence[JsonDict], crypto: JsonDict | None
+) -> list[str]:
+    """For W4: signatures verified per second against this machine's raw rate."""
+    if not crypto:
+        return []
+    out = []
+    nacl = crypto["nacl"]["all"]
+    sj = crypto["signedjson"]["all"]
+    cores = crypto["processes"]
+    for c in cells:
+        if c["workload"] != "W4" or not c["req_per_s"]:
+            continue
+        sig_s = c["items_per_s"]
+        c["signature_fraction"] = {
+            "cores": cores,
+            "of_nacl": sig_s / nacl,
+            "of_signedjson": sig_s / sj,
+        }
+        out.append(
+            f"{c['target']} W4 K={c['param']} c={c['concurrency']}: "
+            f"{sig_s:,.0f} signatures/s verified = {sig_s / nacl:.1%} of the raw "
+            f"ed25519 rate on {cores} cores ({nacl:,.0f}/s, nacl), "
+            f"{sig_s / sj:.1%} of signedjson's ({sj:,.0f}/s)"
+        )
+    return out
+
+
+def machine() -> JsonDict:
+    """Where the run happened."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def code_version() -> JsonDict:
+    """The checkout measured: commit, and whether the package has local edits."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", root, *args],
+                capture_output=True,
+                timeout=10,
+                check=True,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.decode(errors="replace").strip()
+
+    status = git("status", "--porcelain", "--", "synapse_xsign_module")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "package_modified": None if status is None else bool(status),
+    }
+
+
+def write_json(path: str, data: JsonDict) -> None:
+    """Write the results (the directory is made if missing)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def merge(paths: Sequence[str]) -> JsonDict:
+    """Several runs' JSON as one (targets renamed ``file:target`` on clashes)."""
+    cells: list[JsonDict] = []
+    crypto = None
+    seen: set[str] = set()
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        crypto = crypto or data.get("crypto")
+        names = {c["target"] for c in data.get("cells", [])}
+        rename = {}
+        for name in names:
+            new = name
+            if name in seen:
+                new = f"{os.path.splitext(os.path.basename(path))[0]}:{name}"
+            rename[name] = new
+            seen.add(new)
+        for c in data.get("cells", []):
+            cells.append({**c, "target": rename[c["target"]]})
+    return {"cells": cells, "crypto": crypto}

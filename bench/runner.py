@@ -1,0 +1,234 @@
+"""Running one cell: a workload at one size and one concurrency.
+
+``concurrency`` workers share a source of prepared requests (bodies encoded
+before the clock starts) and send them back to back until the cell's time (or
+request count) is spent. Workloads that use something up (a fresh device, a
+fresh user, one-time keys) are fed in timed segments: the clock stops while
+the next batch is prepared, sized from the rate measured so far, and only the
+time spent sending counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attr
+
+from twisted.internet import defer
+
+from bench.http import Answer, JsonClient
+
+#: A check of one answer: None when correct, else what is wrong.
+Check = Callable[[Answer], "str | None"]
+
+#: Error samples kept per cell.
+MAX_ERROR_SAMPLES = 5
+#: Upper bound of one prepared batch of a consuming workload.
+MAX_BATCH = 20000
+
+
+@attr.s(auto_attribs=True, slots=True, frozen=True)
+class Unit:
+    """One prepared request: POST ``raw`` to ``path`` as ``token``."""
+
+    path: str
+    token: str
+    raw: bytes
+    check: Check
+    tag: Any = None
+
+
+class UnitSource:
+    """Hands prepared requests to workers."""
+
+    def take(self, worker: int) -> Unit | None:
+        """The next request for ``worker``, or None when there is none left."""
+        raise NotImplementedError
+
+
+class QueueSource(UnitSource):
+    """Each unit once, to whichever worker asks first (consuming workloads)."""
+
+    def __init__(self, units: list[Unit]) -> None:
+        self._units = deque(units)
+        self.taken: list[Unit] = []
+
+    def take(self, worker: int) -> Unit | None:
+        """Pop the next unit."""
+        if not self._units:
+            return None
+        unit = self._units.popleft()
+        self.taken.append(unit)
+        return unit
+
+
+class CycleSource(UnitSource):
+    """Worker ``w`` repeats its own list forever (repeatable workloads)."""
+
+    def __init__(self, per_worker: list[list[Unit]]) -> None:
+        self._lists = per_worker
+        self._next = [0] * len(per_worker)
+
+    def take(self, worker: int) -> Unit | None:
+        """The worker's next unit, round and round."""
+        units = self._lists[worker % len(self._lists)]
+        i = self._next[worker % len(self._lists)]
+        self._next[worker % len(self._lists)] = i + 1
+        return units[i % len(units)]
+
+
+@attr.s(auto_attribs=True)
+class CellStats:
+    """What happened in one cell."""
+
+    ok: int = 0
+    errors: int = 0
+    sent: int = 0
+    elapsed: float = 0.0
+    client_cpu_s: float = 0.0
+    server_cpu_s: float | None = None
+    segments: int = 0
+    prepare_s: float = 0.0
+    latencies: list[float] = attr.Factory(list)
+    error_samples: list[str] = attr.Factory(list)
+
+    def error(self, text: str) -> None:
+        """Count one wrong answer or failed request."""
+        self.errors += 1
+        if len(self.error_samples) < MAX_ERROR_SAMPLES:
+            self.error_samples.append(text)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+async def _segment(
+    client: JsonClient,
+    source: UnitSource,
+    concurrency: int,
+    stats: CellStats,
+    deadline: float,
+    max_requests: int | None,
+) -> float:
+    """Send until the deadline, the request budget or the source runs out."""
+
+    async def worker(index: int) -> None:
+        while time.perf_counter() < deadline:
+            if max_requests is not None and stats.sent >= max_requests:
+                return
+            unit = source.take(index)
+            if unit is None:
+                return
+            stats.sent += 1
+            try:
+                answer = await client.request(
+                    "POST", unit.path, token=unit.token, raw=unit.raw
+                )
+            except Exception as e:  # counted as an error
+                stats.error(f"{type(e).__name__}: {e}")
+                continue
+            problem = unit.check(answer)
+            if problem is None:
+                stats.ok += 1
+                stats.latencies.append(answer.latency)
+            else:
+                stats.error(problem)
+
+    start = time.perf_counter()
+    await defer.gatherResults(
+        [defer.ensureDeferred(worker(i)) for i in range(concurrency)],
+        consumeErrors=True,
+    )
+    return time.perf_counter() - start
+
+
+class Feed:
+    """What the runner needs from a workload."""
+
+    consumable: bool = False
+
+    async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
+        """A source of ``n`` units (consuming), or an endless one (``n`` None)."""
+        raise NotImplementedError
+
+    def first_batch(self, concurrency: int) -> int:
+        """Units in the first batch of a timed consuming cell."""
+        return max(8 * concurrency, 50)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux ``/proc``), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def run_cell(
+    client: JsonClient,
+    feed: Feed,
+    concurrency: int,
+    duration: float,
+    requests: int | None,
+    server_pid: int | None = None,
+) -> CellStats:
+    """Run one cell; only the time spent sending is counted.
+
+    Args:
+        client: the target's client.
+        feed: the workload.
+        concurrency: requests in flight.
+        duration: seconds of sending (ignored when ``requests`` is set).
+        requests: exact number of requests, or None for a timed cell.
+        server_pid: the server's process, to account its CPU time.
+    """
+    stats = CellStats()
+    while True:
+        started = time.perf_counter()
+        if feed.consumable:
+            if requests is not None:
+                n = requests - stats.sent
+            elif stats.segments == 0:
+                n = feed.first_batch(concurrency)
+            else:
+                rate = stats.sent / stats.elapsed if stats.elapsed > 0 else 0.0
+                left = duration - stats.elapsed
+                n = min(MAX_BATCH, math.ceil(rate * left * 1.2) + 2 * concurrency)
+            source = await feed.prepare(n, concurrency)
+        else:
+            source = await feed.prepare(None, concurrency)
+        stats.prepare_s += time.perf_counter() - started
+        if requests is not None:
+            deadline = math.inf
+        else:
+            deadline = time.perf_counter() + max(0.0, duration - stats.elapsed)
+        cpu = time.process_time()
+        server_cpu = process_cpu_seconds(server_pid) if server_pid else None
+        stats.elapsed += await _segment(
+            client, source, concurrency, stats, deadline, requests
+        )
+        stats.client_cpu_s += time.process_time() - cpu
+        if server_cpu is not None and server_pid:
+            after = process_cpu_seconds(server_pid)
+            if after is not None:
+                stats.server_cpu_s = (stats.server_cpu_s or 0.0) + after - server_cpu
+        stats.segments += 1
+        if requests is not None:
+            if stats.sent >= requests or not feed.consumable:
+                break
+        elif stats.elapsed >= duration - 0.02 or not feed.consumable:
+            break
+    stats.latencies.sort()
+    return stats

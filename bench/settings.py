@@ -1,0 +1,50 @@
+"""Sizes and timings of a run (full, or ``--quick`` for a CI smoke run)."""
+
+from __future__ import annotations
+
+import attr
+
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
+
+
+@attr.s(auto_attribs=True)
+class Settings:
+    """What to run.
+
+    Attributes:
+        workloads: which of W1..W7.
+        concurrency: requests in flight per cell.
+        duration: seconds of sending per cell.
+        requests: exact requests per cell instead of a duration.
+        otks: one-time keys per W1 upload.
+        k_sizes: W4, devices signed per request.
+        m_sizes: W5, master keys signed per request.
+        q_sizes: W6, users per query.
+        claim_devices: W7, devices per claim.
+        setup_concurrency: requests in flight while preparing.
+        crypto_signatures: signatures per process for the ed25519 rate.
+    """
+
+    workloads: tuple[str, ...] = ALL_WORKLOADS
+    concurrency: tuple[int, ...] = (1, 8)
+    duration: float = 10.0
+    requests: int | None = None
+    otks: int = 50
+    k_sizes: tuple[int, ...] = (1, 50, 500)
+    m_sizes: tuple[int, ...] = (1, 50)
+    q_sizes: tuple[int, ...] = (1, 50, 500)
+    claim_devices: int = 50
+    setup_concurrency: int = 16
+    crypto_signatures: int = 10000
+
+
+FULL = Settings()
+#: ``--quick``: every workload, small sizes, 1 s cells.
+QUICK = Settings(
+    duration=1.0,
+    k_sizes=(1, 20),
+    m_sizes=(1, 10),
+    q_sizes=(1, 20),
+    claim_devices=10,
+    crypto_signatures=2000,
+)
