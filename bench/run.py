@@ -47,7 +47,7 @@ targets:
   free loopback port, SQLite in a temporary directory, or --db-url). --base-url
   measures a running server instead; --target NAME=SPEC (repeatable) measures
   several side by side, SPEC being
-    embedded[,db_url=URL][,db_threads=N]
+    embedded[,db_url=URL][,db_threads=N][,workers=N]   (workers: PostgreSQL only)
     URL[,shared_secret=S]            Synapse: shared-secret registration + /login
     URL[,admin_token=T]              embedded host: its admin API
     URL[,admin_user=U,admin_password=P]
@@ -75,6 +75,7 @@ class TargetSpec:
     url: str | None = None  # None: start the embedded host
     db_url: str | None = None
     db_threads: int | None = None
+    workers: int | None = None
     shared_secret: str | None = None
     admin_token: str | None = None
     admin_user: str | None = None
@@ -202,6 +203,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 TARGET_OPTIONS = (
     "db_url",
     "db_threads",
+    "workers",
     "shared_secret",
     "admin_token",
     "admin_user",
@@ -230,7 +232,7 @@ def parse_target(text: str, args: argparse.Namespace | None = None) -> TargetSpe
         spec.url = parts[0]
     for part in parts[1:]:
         key, _, value = part.partition("=")
-        setattr(spec, key, int(value) if key == "db_threads" else value)
+        setattr(spec, key, int(value) if key in ("db_threads", "workers") else value)
     if (
         spec.url is not None
         and args is not None
@@ -313,7 +315,7 @@ class Run:
         info: dict[str, Any] = {"name": spec.name}
         self.targets.append(info)
         if spec.url is None:
-            server = EmbeddedServer(spec.db_url, spec.db_threads)
+            server = EmbeddedServer(spec.db_url, spec.db_threads, spec.workers)
             say(f"{spec.name}: starting the {server.describe()}")
             await server.start()
             base_url = server.base_url

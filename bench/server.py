@@ -56,12 +56,19 @@ class EmbeddedServer:
     Args:
         db_url: SQLAlchemy URL; a SQLite file in the temporary directory if None.
         db_threads: the server's ``database.threadpool_size`` (its default if None).
+        workers: processes sharing the port (``run --workers``; PostgreSQL).
     """
 
     #: Started and not yet stopped (stopped on an interrupted run too).
     running: ClassVar[set[EmbeddedServer]] = set()
 
-    def __init__(self, db_url: str | None = None, db_threads: int | None = None):
+    def __init__(
+        self,
+        db_url: str | None = None,
+        db_threads: int | None = None,
+        workers: int | None = None,
+    ):
+        self.workers = workers
         self.workdir = tempfile.mkdtemp(prefix="xsign-bench-")
         self.db_url = db_url or f"sqlite:///{os.path.join(self.workdir, 'xsign.db')}"
         self.db_threads = db_threads
@@ -119,7 +126,8 @@ class EmbeddedServer:
         EmbeddedServer.running.add(self)
         self.process = subprocess.Popen(
             [*cli_command(), "--config", self.config_path, "--log-level", "WARNING"]
-            + ["run"],
+            + ["run"]
+            + (["--workers", str(self.workers)] if self.workers else []),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -535,3 +535,23 @@ class KeysUploadTest(HostTestCase):
         self.assertEqual(
             await self.query_devices(alice), {alice.device_id: {**dk, "unsigned": {}}}
         )
+
+
+class ClientUnsignedTest(HostTestCase):
+    """The server owns ``unsigned`` on device keys."""
+
+    async def test_client_unsigned_is_replaced(self) -> None:
+        """An ``unsigned`` sent by the client is not kept: the server's is served."""
+        alice = await self.user_with_device("alice", "ADEV")
+        dk = {**alice.device_keys(), "unsigned": {"device_display_name": "spoofed"}}
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/upload", {"device_keys": dk}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/query",
+            {"device_keys": {alice.user_id: []}},
+            token=alice.token,
+        )
+        device = resp.json["device_keys"][alice.user_id]["ADEV"]
+        self.assertEqual(device, {**alice.device_keys(), "unsigned": {}})

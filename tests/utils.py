@@ -87,22 +87,95 @@ def drop_all(url: str) -> None:
     _migrated.discard(url)
 
 
+#: How long a request may take before a test fails, in seconds.
+REQUEST_TIMEOUT = 60.0
+
+
+class _Flusher:
+    """Flushes a StubTreq's in-memory connections while requests are pending.
+
+    One LoopingCall per client, however many requests are in flight, so that
+    concurrent requests do not each spin the reactor.
+    """
+
+    def __init__(self, stub: StubTreq) -> None:
+        self._stub = stub
+        self._pending = 0
+        self._running = False
+        self._sleep: Any = None
+        self._wake: defer.Deferred[None] = defer.Deferred()
+
+    async def _flush_while_pending(self) -> None:
+        try:
+            while self._pending:
+                self._stub.flush()
+                if not self._pending:
+                    break  # the flush finished the last request
+                self._wake = defer.Deferred()
+                self._sleep = reactor.callLater(  # type: ignore[attr-defined]
+                    0.001, self._wake.callback, None
+                )
+                await self._wake
+        finally:
+            self._running = False
+
+    def _stop_sleeping(self) -> None:
+        """Leave no delayed call behind once nothing is pending."""
+        if self._sleep is not None and self._sleep.active():
+            self._sleep.cancel()
+            self._wake.callback(None)
+
+    async def wait(self, d: defer.Deferred[Any]) -> Any:
+        box: list[Any] = []
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def finished(result: Any) -> None:
+            box.append(result)
+            if not done.called:
+                done.callback(None)
+
+        d.addBoth(finished)
+        self._pending += 1
+        if not self._running:
+            self._running = True
+            defer.ensureDeferred(self._flush_while_pending())
+        timer = reactor.callLater(  # type: ignore[attr-defined]
+            REQUEST_TIMEOUT,
+            lambda: (
+                done.called or done.errback(AssertionError("request did not complete"))
+            ),
+        )
+        try:
+            await done
+        finally:
+            if timer.active():
+                timer.cancel()
+            self._pending -= 1
+            if self._pending == 0:
+                self._stop_sleeping()
+        result = box[0]
+        if hasattr(result, "raiseException"):
+            result.raiseException()
+        return result
+
+
 async def pump(d: defer.Deferred[Any], stub: StubTreq | None = None) -> Any:
-    """Wait for ``d`` while letting the real reactor and the stub move."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    for _ in range(20000):
-        if box:
-            break
-        if stub is not None:
-            stub.flush()
-        await deferLater(reactor, 0.0005, lambda: None)
-    else:
-        raise AssertionError("request did not complete")
-    result = box[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
+    """Wait for ``d`` while the real reactor runs (and ``stub`` is flushed)."""
+    if stub is None:
+        box: list[Any] = []
+        d.addBoth(box.append)
+        while not box:
+            await deferLater(reactor, 0.001, lambda: None)
+        if hasattr(box[0], "raiseException"):
+            box[0].raiseException()
+        return box[0]
+    flusher = _FLUSHERS.get(id(stub))
+    if flusher is None:
+        flusher = _FLUSHERS[id(stub)] = _Flusher(stub)
+    return await flusher.wait(d)
+
+
+_FLUSHERS: dict[int, _Flusher] = {}
 
 
 class Response:

@@ -18,7 +18,7 @@ from synapse_xsign_module.handlers.validation import (
     server_of,
 )
 from synapse_xsign_module.host import Host, HostDevices, Requester
-from synapse_xsign_module.http.base import JsonDict
+from synapse_xsign_module.http.base import JsonDict, JsonWithRaw, RawJson, dumps_compact
 from synapse_xsign_module.jsonutil import canonical_json
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
@@ -90,7 +90,9 @@ def parse_device_keys(value: Any, requester: Requester) -> dict[str, Any]:
             "Provided `device_id` in `device_keys` does not match that of the "
             "authenticated user device"
         )
-    return dk
+    # "unsigned" is the server's to fill in (display name); a client's own is
+    # not kept, so that every stored object can be served with ours appended.
+    return {k: v for k, v in dk.items() if k != "unsigned"}
 
 
 class DeviceKeysHandler:
@@ -210,6 +212,8 @@ class DeviceKeysHandler:
         devices: HostDevices,
         failures: JsonDict,
     ) -> JsonDict:
+        # Stored keys are canonical JSON: sent as they are (RawJson) unless
+        # signatures must be merged in.
         device_keys: JsonDict = {}
         master_keys: JsonDict = {}
         self_signing_keys: JsonDict = {}
@@ -224,20 +228,26 @@ class DeviceKeysHandler:
             for device_id, key_json in snap.device_keys.get(user_id, {}).items():
                 if existing is not None and device_id not in existing:
                     continue  # deleted in the host: never served
-                obj = json.loads(key_json)
-                _merge_signatures(obj, snap.signatures.get((user_id, device_id)))
                 unsigned: JsonDict = {}
                 name = devices.names.get(user_id, {}).get(device_id)
                 if name is not None:
                     unsigned["device_display_name"] = name
-                obj["unsigned"] = unsigned
-                devices_out[device_id] = obj
+                extra = snap.signatures.get((user_id, device_id))
+                if extra:
+                    obj = json.loads(key_json)
+                    _merge_signatures(obj, extra)
+                    obj["unsigned"] = unsigned
+                    devices_out[device_id] = obj
+                else:
+                    # Stored without "unsigned" (see parse_device_keys).
+                    devices_out[device_id] = RawJson(
+                        f'{key_json[:-1]},"unsigned":{dumps_compact(unsigned)}}}'
+                    )
             device_keys[user_id] = devices_out
 
             keys = snap.cross_signing.get(user_id, {})
             master = keys.get(MASTER)
             if master is not None:
-                obj = json.loads(master.key_json)
                 sigs = snap.signatures.get((user_id, master.public_key)) or []
                 if existing is not None:
                     # Signatures by devices deleted in the host are not served.
@@ -248,21 +258,27 @@ class DeviceKeysHandler:
                         or not sig[1].startswith("ed25519:")
                         or sig[1][len("ed25519:") :] in existing
                     ]
-                _merge_signatures(obj, sigs)
-                master_keys[user_id] = obj
+                if sigs:
+                    obj = json.loads(master.key_json)
+                    _merge_signatures(obj, sigs)
+                    master_keys[user_id] = obj
+                else:
+                    master_keys[user_id] = RawJson(master.key_json)
             ssk = keys.get(SELF_SIGNING)
             if ssk is not None:
-                self_signing_keys[user_id] = json.loads(ssk.key_json)
+                self_signing_keys[user_id] = RawJson(ssk.key_json)
             usk = keys.get(USER_SIGNING)
             if usk is not None and user_id == requester.user_id:
-                user_signing_keys[user_id] = json.loads(usk.key_json)
-        return {
-            "device_keys": device_keys,
-            "master_keys": master_keys,
-            "self_signing_keys": self_signing_keys,
-            "user_signing_keys": user_signing_keys,
-            "failures": failures,
-        }
+                user_signing_keys[user_id] = RawJson(usk.key_json)
+        return JsonWithRaw(
+            {
+                "device_keys": device_keys,
+                "master_keys": master_keys,
+                "self_signing_keys": self_signing_keys,
+                "user_signing_keys": user_signing_keys,
+                "failures": failures,
+            }
+        )
 
     async def claim(self, requester: Requester, body: JsonDict) -> JsonDict:
         """Handle ``POST /keys/claim``.

@@ -71,6 +71,18 @@ class _Check:
     pending: PendingSignature
 
 
+def _mentioned_devices(me: str, own_items: dict[str, Any]) -> list[str]:
+    """Device ids an upload's own items may involve: signed or signing."""
+    ids = set(own_items)
+    for obj in own_items.values():
+        sigs = obj.get("signatures")
+        mine = sigs.get(me) if isinstance(sigs, dict) else None
+        if isinstance(mine, dict):
+            ids.update(k.partition(":")[2] for k in mine if isinstance(k, str))
+    ids.discard("")
+    return sorted(ids)
+
+
 def _device_ed25519(device_json: str, device_id: str) -> str | None:
     keys = json.loads(device_json).get("keys")
     if isinstance(keys, dict):
@@ -143,7 +155,9 @@ class SignatureHandler:
         me = requester.user_id
         others = [u for u in body if u != me and server_of(u) == self._host.server_name]
         own_items = body.get(me) or {}
-        context = await self._store.load_context(me, others, bool(own_items))
+        context = await self._store.load_context(
+            me, others, _mentioned_devices(me, own_items)
+        )
         cross, my_devices = context
 
         failures: dict[str, dict[str, JsonDict]] = {}

@@ -59,9 +59,47 @@ def set_cors_headers(request: Request) -> None:
         request.setHeader(name, value)
 
 
+class RawJson(str):
+    """A JSON value that is already encoded (e.g. canonical JSON from storage).
+
+    Inside a :class:`JsonWithRaw` body it is written out as it is, so that a
+    stored key is not decoded and encoded again just to be sent.
+    """
+
+
+class JsonWithRaw(dict[str, Any]):
+    """A response body whose leaves may be :class:`RawJson`."""
+
+
+def dumps_compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_with_raw(value: Any, out: list[str]) -> None:
+    if isinstance(value, RawJson):
+        out.append(value)
+    elif isinstance(value, dict):
+        out.append("{")
+        first = True
+        for key, item in value.items():
+            if not first:
+                out.append(",")
+            first = False
+            out.append(dumps_compact(key))
+            out.append(":")
+            _encode_with_raw(item, out)
+        out.append("}")
+    else:
+        out.append(dumps_compact(value))
+
+
 def encode_json(body: Any) -> bytes:
     """Compact UTF-8 JSON, the encoding of every response."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if isinstance(body, JsonWithRaw):
+        parts: list[str] = []
+        _encode_with_raw(body, parts)
+        return "".join(parts).encode("utf-8")
+    return dumps_compact(body).encode("utf-8")
 
 
 def respond(request: Request, code: int, body: JsonDict) -> None:

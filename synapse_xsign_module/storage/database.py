@@ -175,6 +175,13 @@ class Database:
         self._pool = ThreadPool(
             minthreads=1, maxthreads=config.threadpool_size, name="xsign-db"
         )
+        # SQLite has one writer at a time: queue this process's writers on one
+        # thread (first come, first served) rather than on the busy timeout.
+        self._write_pool: ThreadPool | None = (
+            ThreadPool(minthreads=1, maxthreads=1, name="xsign-db-write")
+            if self.engine.dialect.name == "sqlite"
+            else None
+        )
         self._runner: PoolRunner[Any] = runner or self._default_runner
         self._started = False
         self._shutdown_trigger: Any = None
@@ -202,7 +209,13 @@ class Database:
             self._pool = ThreadPool(
                 minthreads=1, maxthreads=self._config.threadpool_size, name="xsign-db"
             )
+            if self._write_pool is not None:
+                self._write_pool = ThreadPool(
+                    minthreads=1, maxthreads=1, name="xsign-db-write"
+                )
         self._pool.start()
+        if self._write_pool is not None:
+            self._write_pool.start()
         self._started = True
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
             "during", "shutdown", self.close
@@ -213,6 +226,8 @@ class Database:
         if self._started:
             self._started = False
             self._pool.stop()
+            if self._write_pool is not None:
+                self._write_pool.stop()
             if self._shutdown_trigger is not None:
                 try:
                     self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
@@ -268,10 +283,13 @@ class Database:
         def work() -> T:
             return self.run_in_thread(desc, write, fn, *args, **kwargs)
 
-        return defer.ensureDeferred(self._await(work))
+        pool = (
+            self._write_pool if write and self._write_pool is not None else self._pool
+        )
+        return defer.ensureDeferred(self._await(pool, work))
 
-    async def _await(self, work: Callable[[], T]) -> T:
-        result: T = await self._runner(self._pool, work)
+    async def _await(self, pool: ThreadPool, work: Callable[[], T]) -> T:
+        result: T = await self._runner(pool, work)
         return result
 
     def run_in_thread(

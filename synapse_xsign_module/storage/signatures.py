@@ -167,18 +167,25 @@ def get_visible_txn(
 
 
 def load_context_txn(
-    conn: Connection, user_id: str, other_users: list[str], own_devices: bool
+    conn: Connection, user_id: str, other_users: list[str], device_ids: list[str]
 ) -> tuple[CurrentKeys, dict[str, str]]:
     """What a signature upload is checked against.
 
+    Args:
+        conn: the connection.
+        user_id: the uploader.
+        other_users: the other users whose keys are signed.
+        device_ids: the uploader's devices the upload mentions (signed or
+            signing); only these are read.
+
     Returns:
         The current cross-signing keys of the uploader and the other users, and
-        the uploader's device keys (device id -> key JSON) when wanted.
+        those of the uploader's devices that have keys (device id -> key JSON).
     """
     cross = get_current_txn(conn, [user_id, *other_users])
     devices: dict[str, str] = {}
-    if own_devices:
-        devices = get_device_keys_txn(conn, {user_id: []}).get(user_id, {})
+    if device_ids:
+        devices = get_device_keys_txn(conn, {user_id: device_ids}).get(user_id, {})
     return cross, devices
 
 
@@ -193,11 +200,11 @@ class SignatureStore:
         self._db = db
 
     def load_context(
-        self, user_id: str, other_users: list[str], own_devices: bool
+        self, user_id: str, other_users: list[str], device_ids: list[str]
     ) -> defer.Deferred[tuple[CurrentKeys, dict[str, str]]]:
         """See :func:`load_context_txn`."""
         return self._db.run_read(
-            "signature_context", load_context_txn, user_id, other_users, own_devices
+            "signature_context", load_context_txn, user_id, other_users, device_ids
         )
 
     def store(
