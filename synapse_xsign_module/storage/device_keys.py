@@ -25,7 +25,7 @@ from synapse_xsign_module.storage.schema import (
     one_time_keys,
     signatures,
 )
-from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users
+from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users, upsert
 
 #: user id -> device id -> key id -> key (a string or a key object)
 ClaimResult = dict[str, dict[str, dict[str, Any]]]
@@ -120,24 +120,21 @@ def upload_txn(
         ).scalar()
         if old_json != new_json:
             changed = True
-            if old_json is None:
-                conn.execute(
-                    device_keys.insert().values(
-                        user_id=user_id,
-                        device_id=device_id,
-                        key_json=new_json,
-                        ts_added_ms=now_ms,
-                    )
-                )
-            else:
-                conn.execute(
-                    update(device_keys)
-                    .where(
-                        device_keys.c.user_id == user_id,
-                        device_keys.c.device_id == device_id,
-                    )
-                    .values(key_json=new_json, ts_added_ms=now_ms)
-                )
+            upsert(
+                conn,
+                device_keys,
+                [
+                    {
+                        "user_id": user_id,
+                        "device_id": device_id,
+                        "key_json": new_json,
+                        "ts_added_ms": now_ms,
+                    }
+                ],
+                ["user_id", "device_id"],
+                ["key_json", "ts_added_ms"],
+            )
+            if old_json is not None:
                 # Signatures over the old keys (and by the old key) no longer hold.
                 delete_signatures_on_device_txn(conn, user_id, device_id)
 
@@ -201,27 +198,22 @@ def upload_txn(
             fb.key_json,
         ):
             continue  # identical: keep its used/unused state
-        if old_fb is None:
-            conn.execute(
-                fallback_keys.insert().values(
-                    user_id=user_id,
-                    device_id=device_id,
-                    algorithm=fb.algorithm,
-                    key_id=fb.key_id,
-                    key_json=fb.key_json,
-                    used=False,
-                )
-            )
-        else:
-            conn.execute(
-                update(fallback_keys)
-                .where(
-                    fallback_keys.c.user_id == user_id,
-                    fallback_keys.c.device_id == device_id,
-                    fallback_keys.c.algorithm == fb.algorithm,
-                )
-                .values(key_id=fb.key_id, key_json=fb.key_json, used=False)
-            )
+        upsert(
+            conn,
+            fallback_keys,
+            [
+                {
+                    "user_id": user_id,
+                    "device_id": device_id,
+                    "algorithm": fb.algorithm,
+                    "key_id": fb.key_id,
+                    "key_json": fb.key_json,
+                    "used": False,
+                }
+            ],
+            ["user_id", "device_id", "algorithm"],
+            ["key_id", "key_json", "used"],
+        )
 
     return UploadResult(changed, count_one_time_keys_txn(conn, user_id, device_id))
 

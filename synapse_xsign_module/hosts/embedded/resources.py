@@ -65,6 +65,29 @@ class HealthResource(Resource):
         return b"OK"
 
 
+async def _issue_token(
+    host: EmbeddedHost, user: User, device_id: str | None, display_name: str | None
+) -> tuple[str, str]:
+    """An access token for an active account, on a new or given device.
+
+    Raises:
+        MatrixError: 403 for a deactivated account, or a device id equal to one
+            of the user's cross-signing keys.
+    """
+    if user.deactivated:
+        raise MatrixError(
+            403, Codes.USER_DEACTIVATED, "This account has been deactivated"
+        )
+    try:
+        return await host.accounts.login(
+            user.user_id, device_id, display_name, host.service.clock.time_msec()
+        )
+    except DeviceIdInUse:
+        raise forbidden(
+            "The device ID is in use: it equals one of the cross-signing keys"
+        ) from None
+
+
 def _login_resource(host: EmbeddedHost) -> JsonResource:
     resource = JsonResource()
     max_body = host.service.config.max_request_body_size
@@ -102,18 +125,7 @@ def _login_resource(host: EmbeddedHost) -> JsonResource:
         ok = await threads.deferToThread(check_password, password, stored)
         if account is None or not ok:
             raise forbidden("Invalid username or password")
-        if account.deactivated:
-            raise MatrixError(
-                403, Codes.USER_DEACTIVATED, "This account has been deactivated"
-            )
-        try:
-            token, device = await host.accounts.login(
-                user_id, device_id, display_name, host.service.clock.time_msec()
-            )
-        except DeviceIdInUse:
-            raise forbidden(
-                "The device ID is in use: it equals one of your cross-signing keys"
-            ) from None
+        token, device = await _issue_token(host, account, device_id, display_name)
         logger.info("%s logged in on device %s", user_id, device)
         return 200, {
             "user_id": user_id,
@@ -230,18 +242,7 @@ def add_account_admin_routes(host: EmbeddedHost, resource: JsonResource) -> None
         user = await host.accounts.get_user(user_id)
         if user is None:
             raise not_found(f"Unknown user {user_id}")
-        if user.deactivated:
-            raise MatrixError(
-                403, Codes.USER_DEACTIVATED, "This account has been deactivated"
-            )
-        try:
-            token, device = await host.accounts.login(
-                user_id, device_id, None, host.service.clock.time_msec()
-            )
-        except DeviceIdInUse:
-            raise forbidden(
-                "The device ID is in use: it equals one of the cross-signing keys"
-            ) from None
+        token, device = await _issue_token(host, user, device_id, None)
         logger.info(
             "Admin %s issued a token for %s on device %s",
             admin.user_id,
