@@ -40,8 +40,8 @@ def parse_page(args: dict[bytes, list[bytes]]) -> tuple[int, int]:
             value = int(values[0].decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             raise invalid_param(f"'{name.decode()}' must be an integer") from None
-        if value < 0:
-            raise invalid_param(f"'{name.decode()}' must not be negative")
+        if not 0 <= value <= 2**53:
+            raise invalid_param(f"'{name.decode()}' must be between 0 and 2^53")
         return value
 
     offset = one(b"from", 0)

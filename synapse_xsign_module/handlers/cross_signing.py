@@ -21,7 +21,13 @@ import logging
 from typing import Any
 
 from synapse_xsign_module.clock import Clock
-from synapse_xsign_module.errors import Codes, MatrixError, forbidden, invalid_param
+from synapse_xsign_module.errors import (
+    Codes,
+    MatrixError,
+    bad_json,
+    forbidden,
+    invalid_param,
+)
 from synapse_xsign_module.handlers.crypto import (
     has_valid_signature,
     is_ed25519_public_key,
@@ -139,6 +145,9 @@ class CrossSigningHandler:
                 403, Codes.GUEST_ACCESS_FORBIDDEN, "Guest access not allowed"
             )
         user_id = requester.user_id
+        auth = body.get("auth")
+        if auth is not None and not isinstance(auth, dict):
+            raise bad_json("'auth' must be a JSON object")
         sent: dict[str, dict[str, Any]] = {}
         for key_type in KEY_TYPES:
             value = body.get(FIELDS[key_type])

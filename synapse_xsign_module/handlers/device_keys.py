@@ -30,6 +30,9 @@ from synapse_xsign_module.storage.query import KeySnapshot, QueryStore
 
 logger = logging.getLogger(__name__)
 
+#: Longest algorithm, key id or device id stored.
+MAX_ID_LENGTH = 255
+
 #: Listed in every ``one_time_key_counts``, as 0 when the device has none.
 DEFAULT_OTK_ALGORITHM = "signed_curve25519"
 
@@ -56,6 +59,11 @@ def _parse_key_map(value: Any, name: str) -> list[OneTimeKey]:
         algorithm, key_id = full_id.split(":")
         if not algorithm or not key_id:
             raise bad_json(f"Invalid {name} key '{full_id}': empty algorithm or id")
+        if len(algorithm) > MAX_ID_LENGTH or len(key_id) > MAX_ID_LENGTH:
+            raise bad_json(
+                f"Invalid {name} key: algorithm and key id are at most "
+                f"{MAX_ID_LENGTH} characters"
+            )
         if isinstance(key, dict):
             require_str(key.get("key"), f"{name}.{full_id}.key")
             if "signatures" in key:

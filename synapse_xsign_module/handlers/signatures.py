@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.errors import Codes, bad_json
 from synapse_xsign_module.handlers.crypto import has_valid_signature
-from synapse_xsign_module.handlers.validation import server_of
+from synapse_xsign_module.handlers.validation import require_signatures, server_of
 from synapse_xsign_module.host import Host, Requester
 from synapse_xsign_module.http.base import JsonDict
 from synapse_xsign_module.jsonutil import strip_signatures
@@ -151,6 +151,9 @@ class SignatureHandler:
             for key_id, obj in items.items():
                 if not isinstance(obj, dict):
                     raise bad_json(f"'{user_id}.{key_id}' must be a signed JSON object")
+                require_signatures(
+                    obj.get("signatures", {}), f"{user_id}.{key_id}.signatures"
+                )
 
         me = requester.user_id
         others = [u for u in body if u != me and server_of(u) == self._host.server_name]

@@ -53,6 +53,19 @@ CORS_HEADERS = {
 }
 
 
+def safe_uri(request: Request) -> str:
+    """The request URI for logs, with any ``access_token`` redacted."""
+    uri = request.uri.decode("utf-8", "replace")
+    if "access_token=" not in uri:
+        return uri
+    base, _, query = uri.partition("?")
+    parts = [
+        "access_token=<redacted>" if p.startswith("access_token=") else p
+        for p in query.split("&")
+    ]
+    return base + "?" + "&".join(parts)
+
+
 def set_cors_headers(request: Request) -> None:
     """Add the CORS headers browser clients need (spec: "Web Browser Clients")."""
     for name, value in CORS_HEADERS.items():
@@ -112,7 +125,11 @@ def respond(request: Request, code: int, body: JsonDict) -> None:
     """
     if request.finished or getattr(request, "_disconnected", False):
         return
-    payload = encode_json(body)
+    try:
+        payload = encode_json(body)
+    except (UnicodeEncodeError, ValueError):
+        # Never leave a request unanswered: ASCII escapes encode anything.
+        payload = json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode()
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(payload)).encode("ascii"))
@@ -130,6 +147,62 @@ def respond_error(request: Request, error: MatrixError) -> None:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: Integers outside this range have no canonical JSON form (spec appendix).
+MAX_SAFE_INT = 2**53 - 1
+#: Deepest nesting accepted; clients' JSON parsers stop at 128 (serde).
+MAX_DEPTH = 64
+#: Characters no stored string may hold: NUL (PostgreSQL text cannot store it)
+#: and lone surrogates (not encodable as UTF-8).
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+class _Unacceptable(ValueError):
+    """Valid JSON the module will not take (reported as M_BAD_JSON)."""
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+        raise _Unacceptable(f"integer {text[:40]} is outside the canonical JSON range")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _Unacceptable(f"number {text[:40]} is not finite")
+    return value
+
+
+def check_json_value(value: Any) -> None:
+    """Refuse what parses but cannot be stored, signed or served safely.
+
+    Raises:
+        MatrixError: 400 ``M_BAD_JSON`` for nesting deeper than
+            :data:`MAX_DEPTH`, or a string (or key) holding NUL or a lone
+            surrogate.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_json(f"JSON nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if _BAD_CHARS.search(key):
+                    raise bad_json("JSON strings must not hold NUL or lone surrogates")
+                if isinstance(item, (dict, list)):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, str) and _BAD_CHARS.search(item):
+                    raise bad_json("JSON strings must not hold NUL or lone surrogates")
+        elif isinstance(node, list):
+            for item in node:
+                if isinstance(item, (dict, list)):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, str) and _BAD_CHARS.search(item):
+                    raise bad_json("JSON strings must not hold NUL or lone surrogates")
 
 
 def read_json_body(request: Request, max_size: int) -> JsonDict:
@@ -158,11 +231,19 @@ def read_json_body(request: Request, max_size: int) -> JsonDict:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        body = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+    except _Unacceptable as e:
+        raise bad_json(str(e)) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise MatrixError(400, Codes.NOT_JSON, "Content not JSON.") from None
     if not isinstance(body, dict):
         raise bad_json("Content must be a JSON object.")
+    check_json_value(body)
     return body
 
 
@@ -267,17 +348,17 @@ class JsonResource(Resource):
             raise MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
         except MatrixError as e:
             if e.code >= 500:
-                logger.error("%s %r failed: %s", request.method, request.uri, e)
+                logger.error("%s %s failed: %s", request.method, safe_uri(request), e)
             respond_error(request, e)
         except InteractiveAuthIncomplete as e:
             respond(request, 401, e.body)
         except defer.CancelledError:
-            logger.info("Request %r cancelled", request.uri)
+            logger.info("Request %s cancelled", safe_uri(request))
         except Exception:
             logger.error(
                 "Unhandled error serving %s %r:\n%s",
                 request.method,
-                request.uri,
+                safe_uri(request),
                 Failure().getTraceback(),
             )
             respond(

@@ -117,7 +117,8 @@ signatures = Table(
     "xsign_signatures",
     metadata,
     Column("signer_user_id", String(255), nullable=False),
-    Column("signer_key_id", String(255), nullable=False),
+    # "ed25519:" + a device id or public key.
+    Column("signer_key_id", String(300), nullable=False),
     Column("target_user_id", String(255), nullable=False),
     Column("target_key_id", String(255), nullable=False),
     Column("signature", Text, nullable=False),

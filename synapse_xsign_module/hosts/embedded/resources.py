@@ -114,8 +114,10 @@ def _login_resource(host: EmbeddedHost) -> JsonResource:
             raise bad_json("user and password are required strings")
         user_id = qualify_user(who, host.server_name)
         device_id = body.get("device_id")
-        if device_id is not None and (not isinstance(device_id, str) or not device_id):
-            raise bad_json("device_id must be a non-empty string")
+        if device_id is not None and (
+            not isinstance(device_id, str) or not 0 < len(device_id) <= 255
+        ):
+            raise bad_json("device_id must be a string of 1 to 255 characters")
         display_name = body.get("initial_device_display_name")
         if display_name is not None and not isinstance(display_name, str):
             raise bad_json("initial_device_display_name must be a string")
@@ -237,8 +239,10 @@ def add_account_admin_routes(host: EmbeddedHost, resource: JsonResource) -> None
         admin = await require_admin(host, request)
         body = read_json_body(request, max_body)
         device_id = body.get("device_id")
-        if device_id is not None and (not isinstance(device_id, str) or not device_id):
-            raise bad_json("'device_id' must be a non-empty string")
+        if device_id is not None and (
+            not isinstance(device_id, str) or not 0 < len(device_id) <= 255
+        ):
+            raise bad_json("'device_id' must be a string of 1 to 255 characters")
         user = await host.accounts.get_user(user_id)
         if user is None:
             raise not_found(f"Unknown user {user_id}")

@@ -10,6 +10,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from synapse_xsign_module.http.base import safe_uri
+
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("synapse_xsign_module.access")
 
@@ -81,14 +83,7 @@ class XSignSite(Site):
         """Write the access-log line (tokens in the query string are masked)."""
         if not self._access_log or not isinstance(request, XSignRequest):
             return
-        uri = request.uri.decode("utf-8", "replace")
-        if "access_token=" in uri:
-            base, _, query = uri.partition("?")
-            parts = [
-                "access_token=<redacted>" if p.startswith("access_token=") else p
-                for p in query.split("&")
-            ]
-            uri = base + "?" + "&".join(parts)
+        uri = safe_uri(request)
         access_logger.info(
             "%s - %s %s %d %dB %.3fs",
             request.client_address(self._x_forwarded),

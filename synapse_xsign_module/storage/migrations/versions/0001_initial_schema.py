@@ -139,7 +139,7 @@ def upgrade() -> None:
     op.create_table(
         "xsign_signatures",
         sa.Column("signer_user_id", sa.String(length=255), nullable=False),
-        sa.Column("signer_key_id", sa.String(length=255), nullable=False),
+        sa.Column("signer_key_id", sa.String(length=300), nullable=False),
         sa.Column("target_user_id", sa.String(length=255), nullable=False),
         sa.Column("target_key_id", sa.String(length=255), nullable=False),
         sa.Column("signature", sa.Text(), nullable=False),
