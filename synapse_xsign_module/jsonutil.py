@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -9,6 +10,12 @@ from typing import Any
 def canonical_json(value: Any) -> str:
     """Encode ``value`` as Matrix canonical JSON text (sorted keys, compact)."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def body_hash(body: dict[str, Any]) -> str:
+    """SHA-256 of a request body's canonical JSON, without its ``auth``."""
+    rest = {k: v for k, v in body.items() if k != "auth"}
+    return hashlib.sha256(canonical_json(rest).encode("utf-8")).hexdigest()
 
 
 def strip_signatures(obj: dict[str, Any]) -> dict[str, Any]:

@@ -341,6 +341,25 @@ class UIATest(CrossSigningTestBase):
         resp = await self.upload(alice, {**new, "auth": password_auth(alice, session)})
         self.assertEqual(resp.code, 200, resp)
 
+    async def test_completed_session_is_used_up(self) -> None:
+        """A session that authorised one replacement cannot authorise another."""
+        alice = await self.user_with_device("alice")
+        await self.bootstrap(alice)
+        new = alice.make_cross_signing()
+        first = await self.upload(alice, new)
+        session = first.json["session"]
+        resp = await self.upload(alice, {**new, "auth": password_auth(alice, session)})
+        self.assertEqual(resp.code, 200, resp)
+        third = alice.make_cross_signing()
+        resp = await self.upload(alice, {**third, "auth": {"session": session}})
+        self.assertEqual(resp.code, 400, resp)
+        resp = await self.upload(
+            alice, {**third, "auth": password_auth(alice, session)}
+        )
+        self.assertEqual(resp.code, 400, resp)
+        result = await self.query(alice, alice.user_id)
+        self.assertEqual(result["master_keys"][alice.user_id], new["master_key"])
+
     async def test_session_of_another_user(self) -> None:
         """A session started by one user cannot be used by another (403)."""
         alice = await self.user_with_device("alice")

@@ -257,7 +257,8 @@ class UIATest(SynapseHostTestCase):
         self.assertEqual((await self.upload_cross_signing(alice)).code, 200)
         first = public_key(alice.master)
 
-        resp = await self.upload_cross_signing(alice)
+        new = alice.make_cross_signing()
+        resp = await self.client.post(SIGNING_UPLOAD, new, token=alice.token)
         self.assertEqual(resp.code, 401, resp)
         self.assertEqual(
             resp.json,
@@ -275,13 +276,19 @@ class UIATest(SynapseHostTestCase):
         self.assertTrue(call.description)
 
         auth = {"type": "m.login.password", "session": "session1"}
-        resp = await self.upload_cross_signing(alice, {**auth, "password": "wrong"})
+        resp = await self.client.post(
+            SIGNING_UPLOAD,
+            {**new, "auth": {**auth, "password": "wrong"}},
+            token=alice.token,
+        )
         self.assertEqual(resp.code, 401, resp)
         self.assertEqual(resp.json["session"], "session2")
         self.assertEqual(await self.master_key(alice, ALICE), first)
 
-        resp = await self.upload_cross_signing(
-            alice, {**auth, "password": UIA_PASSWORD}
+        resp = await self.client.post(
+            SIGNING_UPLOAD,
+            {**new, "auth": {**auth, "password": UIA_PASSWORD}},
+            token=alice.token,
         )
         self.assertEqual((resp.code, resp.json), (200, {}), resp)
         self.assertEqual(await self.master_key(alice, ALICE), public_key(alice.master))
@@ -289,6 +296,37 @@ class UIATest(SynapseHostTestCase):
         self.assertEqual(
             [c.passed for c in self.api._auth_handler.calls], [False, False, True]
         )
+
+    async def test_session_bound_to_its_body_and_used_once(self) -> None:
+        """Synapse's session authorises the body that started it, once."""
+        alice = self.user(ALICE, "ADEV", "tok-alice")
+        self.assertEqual((await self.upload_cross_signing(alice)).code, 200)
+        new = alice.make_cross_signing()
+        resp = await self.client.post(SIGNING_UPLOAD, new, token=alice.token)
+        session = resp.json["session"]
+        auth = {
+            "type": "m.login.password",
+            "session": session,
+            "password": UIA_PASSWORD,
+        }
+        # Another body with the same session: refused, Synapse not even asked.
+        other = alice.make_cross_signing()
+        resp = await self.client.post(
+            SIGNING_UPLOAD, {**other, "auth": auth}, token=alice.token
+        )
+        self.assertEqual((resp.code, resp.json["errcode"]), (403, "M_FORBIDDEN"))
+        resp = await self.client.post(
+            SIGNING_UPLOAD, {**new, "auth": auth}, token=alice.token
+        )
+        self.assertEqual((resp.code, resp.json), (200, {}), resp)
+        # Used up: a third identity cannot ride on it (Synapse would still say yes).
+        third = alice.make_cross_signing()
+        resp = await self.client.post(
+            SIGNING_UPLOAD, {**third, "auth": auth}, token=alice.token
+        )
+        self.assertEqual((resp.code, resp.json["errcode"]), (403, "M_FORBIDDEN"))
+        (new_pub,) = new["master_key"]["keys"].values()
+        self.assertEqual(await self.master_key(alice, ALICE), new_pub)
 
     async def test_identical_reupload_needs_no_uia(self) -> None:
         """Uploading the current keys again is 200 without UIA."""

@@ -12,11 +12,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from synapse_xsign_module.config import XSignConfig, parse_config
-from synapse_xsign_module.errors import ConfigError
+from synapse_xsign_module.errors import (
+    ConfigError,
+    InteractiveAuthIncomplete,
+    bad_json,
+    forbidden,
+)
 from synapse_xsign_module.host import HostDevices, Requester
 from synapse_xsign_module.hosts import synapse_internals
 from synapse_xsign_module.http.base import JsonDict, JsonResource
+from synapse_xsign_module.jsonutil import body_hash
 from synapse_xsign_module.service import XSignService
+from synapse_xsign_module.storage.uia_bindings import BindingMismatch, UIABindingStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,8 @@ class SynapseHost:
     def __init__(self, api: Any, reactor: Any) -> None:
         self._api = api
         self._reactor = reactor
+        #: Set by XSignModule once the module's database exists.
+        self.uia_bindings: UIABindingStore | None = None
 
     @property
     def server_name(self) -> str:
@@ -81,10 +90,41 @@ class SynapseHost:
     async def user_interactive_auth(
         self, request: Request, requester: Requester, body: JsonDict, description: str
     ) -> None:
-        """Synapse's own UIA, through the internals adapter."""
-        await synapse_internals.validate_user_via_ui_auth(
-            self._api, requester.raw, request, body, description
-        )
+        """Synapse's own UIA, its sessions bound to one request body, used once.
+
+        Synapse checks only a session's endpoint and keeps a completed session
+        for 48 hours; the module records the body each session started with
+        and lets a completed session authorise that body once.
+        """
+        if self.uia_bindings is None:
+            raise RuntimeError("the Synapse host was not given its UIA binding store")
+        bindings = self.uia_bindings
+        digest = body_hash(body)
+        uri = request.path.decode("utf-8", "replace")
+        now = int(self._reactor.seconds() * 1000)
+        auth = body.get("auth")
+        session = auth.get("session") if isinstance(auth, dict) else None
+        if session is not None and not isinstance(session, str):
+            raise bad_json("'auth.session' must be a string")
+        try:
+            if session is not None:
+                await bindings.bind(session, requester.user_id, uri, digest, now)
+            try:
+                await synapse_internals.validate_user_via_ui_auth(
+                    self._api, requester.raw, request, body, description
+                )
+            except InteractiveAuthIncomplete as e:
+                started = e.body.get("session")
+                if isinstance(started, str) and started != session:
+                    await bindings.bind(started, requester.user_id, uri, digest, now)
+                raise
+            if session is not None:
+                await bindings.use(session, requester.user_id, uri, digest, now)
+        except BindingMismatch:
+            raise forbidden(
+                "This authentication session belongs to another request or was "
+                "already used; start a new one"
+            ) from None
 
     async def get_device_ids(self, user_id: str) -> set[str] | None:
         """The user's devices in Synapse."""
@@ -143,6 +183,7 @@ class XSignModule:
         synapse_internals.check_synapse_internals(api)
         self.host = SynapseHost(api, reactor)
         self.service = XSignService(config, self.host, reactor)
+        self.host.uia_bindings = UIABindingStore(self.service.db)
         self.service.start()
         self.paths = self.service.mount()
         logger.info("synapse-xsign registered %d paths", len(self.paths))

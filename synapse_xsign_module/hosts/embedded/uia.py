@@ -8,7 +8,6 @@ its user, its endpoint (method and path) and its request body (without
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -31,7 +30,7 @@ from synapse_xsign_module.errors import (
 from synapse_xsign_module.host import Requester
 from synapse_xsign_module.hosts.embedded.accounts import AccountStore
 from synapse_xsign_module.hosts.embedded.passwords import check_password
-from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.jsonutil import body_hash
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import uia_sessions
 
@@ -39,12 +38,6 @@ logger = logging.getLogger(__name__)
 
 PASSWORD = "m.login.password"
 DUMMY = "m.login.dummy"
-
-
-def body_hash(body: dict[str, Any]) -> str:
-    """Digest of a request body without its ``auth``."""
-    rest = {k: v for k, v in body.items() if k != "auth"}
-    return hashlib.sha256(canonical_json(rest).encode("utf-8")).hexdigest()
 
 
 def qualify_user(user: str, server_name: str) -> str:
@@ -131,6 +124,14 @@ class UIASessions:
 
         return await self._db.run_read("uia_get_session", txn)
 
+    async def _consume(self, session_id: str) -> None:
+        def txn(conn: Connection) -> None:
+            conn.execute(
+                delete(uia_sessions).where(uia_sessions.c.session_id == session_id)
+            )
+
+        await self._db.run("uia_consume_session", txn)
+
     async def _complete(self, session_id: str, completed: list[str]) -> None:
         def txn(conn: Connection) -> None:
             conn.execute(
@@ -204,7 +205,11 @@ class UIASessions:
                 MatrixError(401, Codes.UNRECOGNIZED, f"Unsupported auth type: {stage}"),
             )
         completed = [*completed, stage]
-        await self._complete(session_id, completed)
+        if self._flow_done(completed):
+            # Authorises this one request: the session is used up.
+            await self._consume(session_id)
+        else:
+            await self._complete(session_id, completed)
         logger.info("UIA session %s of %s completed %s", session_id, user_id, stage)
 
     def _flow_done(self, completed: list[str]) -> bool:
