@@ -385,6 +385,45 @@ class LifecycleTest(SignatureTestBase):
         )
         self.assertEqual(self.signature_rows(), 0)
 
+    async def test_reupload_keeps_signatures_that_still_hold(self) -> None:
+        """Only signatures that the new device keys invalidate are dropped."""
+        alice = await self.ready_user("alice")
+        await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
+        await self.sign_upload(
+            alice, {alice.user_id: {public_key(alice.master): master}}
+        )
+        self.assertEqual(self.signature_rows(), 2)
+        # Same signed content, one more signature entry: both signatures hold.
+        dk = alice.device_keys()
+        dk["signatures"][alice.user_id]["ed25519:EXTRA"] = "x"
+        resp = await self.client.post(
+            KEYS_UPLOAD, {"device_keys": dk}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(self.signature_rows(), 2)
+        # Another algorithm, same ed25519 key: the SSK signature over the device
+        # no longer holds, the device's own signature on the master key does.
+        dk = alice.device_keys()
+        dk["algorithms"] = [*dk["algorithms"], "m.new.algorithm"]
+        dk = sign_json(
+            {k: v for k, v in dk.items() if k != "signatures"},
+            alice.user_id,
+            alice.device_key,
+        )
+        resp = await self.client.post(
+            KEYS_UPLOAD, {"device_keys": dk}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(self.signature_rows(), 1)
+        got = (await self.query(alice, alice.user_id))["master_keys"][alice.user_id]
+        key_id = f"ed25519:{alice.device_id}"
+        self.assertEqual(
+            sig_of(got, alice.user_id, key_id), sig_of(master, alice.user_id, key_id)
+        )
+
     async def test_deleted_device_signatures_gone(self) -> None:
         """Logging out (deleting the device) removes signatures over and by it."""
         alice = await self.ready_user("alice")

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from synapse_xsign_module import XSignModule
-from synapse_xsign_module.hosts.synapse_internals import SynapseTooOld
+from synapse_xsign_module.hosts.synapse_internals import SynapseTooOld, as_matrix_error
 from synapse_xsign_module.http.admin import ADMIN_PREFIX
 from synapse_xsign_module.http.base import UnrecognizedResource, put_resource
 from tests.fake_module_api import (
@@ -370,3 +370,29 @@ class UIATest(SynapseHostTestCase):
         self.assertEqual(resp.code, 500, resp)
         self.assertNotIn(b"internal detail", resp.raw)
         self.assertEqual(await self.master_key(alice, ALICE), first)
+
+
+class SynapseErrorConversionTest(unittest.TestCase):
+    """Synapse's errors keep the fields clients act on."""
+
+    def test_soft_logout_and_retry_after_survive(self) -> None:
+        """Extra fields of Synapse's error_dict (soft_logout, retry_after_ms) are kept."""
+
+        class FakeSynapseError(Exception):
+            code = 401
+            errcode = "M_UNKNOWN_TOKEN"
+            msg = "Token expired"
+
+            def error_dict(self, config: Any) -> dict[str, Any]:
+                return {"errcode": self.errcode, "error": self.msg, "soft_logout": True}
+
+        converted = as_matrix_error(FakeSynapseError())
+        assert converted is not None
+        self.assertEqual(
+            converted.to_dict(),
+            {
+                "errcode": "M_UNKNOWN_TOKEN",
+                "error": "Token expired",
+                "soft_logout": True,
+            },
+        )

@@ -101,7 +101,17 @@ def as_matrix_error(exc: BaseException) -> MatrixError | None:
     errcode = getattr(exc, "errcode", None)
     if isinstance(code, int) and isinstance(errcode, str):
         msg = getattr(exc, "msg", None) or str(exc)
-        return MatrixError(code, errcode, str(msg))
+        extra: dict[str, Any] = {}
+        error_dict = getattr(exc, "error_dict", None)
+        if callable(error_dict):
+            try:
+                full = error_dict(None)
+            except Exception:  # an older signature: keep code/errcode/msg
+                full = {}
+            if isinstance(full, dict):
+                # e.g. soft_logout, retry_after_ms: clients act on them.
+                extra = {k: v for k, v in full.items() if k not in ("errcode", "error")}
+        return MatrixError(code, errcode, str(msg), extra)
     return None
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, tuple_, upda
 from twisted.internet import defer
 
 from synapse_xsign_module.errors import Codes, MatrixError
-from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import (
     device_keys,
@@ -91,6 +91,41 @@ def delete_signatures_on_device_txn(
     )
 
 
+def _drop_invalidated_signatures(
+    conn: Connection,
+    user_id: str,
+    device_id: str,
+    old_json: str | None,
+    new: dict[str, Any],
+) -> None:
+    """Delete the detached signatures that new device keys make invalid.
+
+    Signatures over the device cover its keys without ``signatures`` and
+    ``unsigned``; signatures by the device were made with its ed25519 key. A
+    re-upload that changes neither keeps them. A device id seen for the first
+    time drops any leftover signature (e.g. from a deleted device of that id).
+    """
+    old = json.loads(old_json) if old_json is not None else None
+    over = old is None or strip_signatures(old) != strip_signatures(new)
+    key_id = f"ed25519:{device_id}"
+    by = old is None or (old.get("keys") or {}).get(key_id) != (
+        new.get("keys") or {}
+    ).get(key_id)
+    s = signatures.c
+    if over:
+        conn.execute(
+            delete(signatures).where(
+                s.target_user_id == user_id, s.target_key_id == device_id
+            )
+        )
+    if by:
+        conn.execute(
+            delete(signatures).where(
+                s.signer_user_id == user_id, s.signer_key_id == key_id
+            )
+        )
+
+
 def upload_txn(
     conn: Connection,
     user_id: str,
@@ -134,9 +169,9 @@ def upload_txn(
                 ["user_id", "device_id"],
                 ["key_json", "ts_added_ms"],
             )
-            if old_json is not None:
-                # Signatures over the old keys (and by the old key) no longer hold.
-                delete_signatures_on_device_txn(conn, user_id, device_id)
+            _drop_invalidated_signatures(
+                conn, user_id, device_id, old_json, new_device_keys
+            )
 
     if otks:
         existing: dict[tuple[str, str], str] = {}
@@ -383,6 +418,7 @@ def delete_device_txn(conn: Connection, user_id: str, device_id: str) -> bool:
     Returns:
         Whether the device had identity keys.
     """
+    lock_users(conn, [user_id])
     had = conn.execute(
         delete(device_keys).where(
             device_keys.c.user_id == user_id, device_keys.c.device_id == device_id

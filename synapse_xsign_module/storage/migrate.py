@@ -9,11 +9,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from synapse_xsign_module.storage.schema import VERSION_TABLE
 
 logger = logging.getLogger(__name__)
+
+#: Advisory lock key held while migrating (PostgreSQL).
+MIGRATION_LOCK = 0x78736967
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(__file__), "migrations")
 
@@ -52,6 +55,12 @@ def upgrade(engine: Engine, revision: str = "head") -> str:
     before = current_revision(engine)
     cfg = alembic_config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several processes (Synapse workers, --workers) may start at once:
+            # one migrates, the others wait and then find nothing to do.
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK}
+            )
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     after = current_revision(engine)

@@ -21,6 +21,10 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
+def _dummy_hash() -> str:
+    return f"scrypt${_N}${_R}${_P}${_b64(b'x' * 16)}${_b64(b'y' * _DKLEN)}"
+
+
 def hash_password(password: str) -> str:
     """Hash a password for storage.
 
@@ -48,7 +52,13 @@ def check_password(password: str, stored: str | None) -> bool:
         True on a match; False otherwise (including malformed hashes).
     """
     if not stored:
-        return False
+        # Spend the same work as a real check, so that timing does not tell
+        # whether an account exists.
+        stored = _dummy_hash()
+        password = ""
+        real = False
+    else:
+        real = True
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
@@ -64,4 +74,4 @@ def check_password(password: str, stored: str | None) -> bool:
         )
     except (ValueError, TypeError):
         return False
-    return hmac.compare_digest(actual, expected)
+    return hmac.compare_digest(actual, expected) and real
