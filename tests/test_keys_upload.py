@@ -555,3 +555,36 @@ class ClientUnsignedTest(HostTestCase):
         )
         device = resp.json["device_keys"][alice.user_id]["ADEV"]
         self.assertEqual(device, {**alice.device_keys(), "unsigned": {}})
+
+
+class OneTimeKeyCapTest(HostTestCase):
+    """A device keeps a bounded number of unclaimed one-time keys."""
+
+    async def test_oldest_dropped_over_the_cap(self) -> None:
+        """Over the cap, the oldest keys go; claims still start from the oldest kept."""
+        from synapse_xsign_module.storage import device_keys as store
+
+        self.patch(store, "MAX_UNCLAIMED_PER_ALGORITHM", 5)
+        alice = await self.user_with_device("alice", "ADEV")
+        bob = await self.user_with_device("bob", "BDEV")
+        for start in (0, 4):
+            otks = {
+                f"signed_curve25519:K{i}": {"key": f"k{i}"}
+                for i in range(start, start + 4)
+            }
+            resp = await self.client.post(
+                "/_matrix/client/v3/keys/upload",
+                {"one_time_keys": otks},
+                token=alice.token,
+            )
+            self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(resp.json["one_time_key_counts"]["signed_curve25519"], 5)
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/claim",
+            {"one_time_keys": {alice.user_id: {"ADEV": "signed_curve25519"}}},
+            token=bob.token,
+        )
+        self.assertEqual(
+            list(resp.json["one_time_keys"][alice.user_id]["ADEV"]),
+            ["signed_curve25519:K3"],
+        )

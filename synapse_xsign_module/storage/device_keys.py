@@ -27,6 +27,12 @@ from synapse_xsign_module.storage.schema import (
 )
 from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users, upsert
 
+#: Unclaimed one-time keys kept per device and algorithm. Clients keep a
+#: bounded number of private one-time keys and forget the oldest; a client that
+#: keeps topping up (inside Synapse, /sync reports Synapse's own count, 0)
+#: would otherwise leave keys here whose private half is gone. The oldest go.
+MAX_UNCLAIMED_PER_ALGORITHM = 1000
+
 #: user id -> device id -> key id -> key (a string or a key object)
 ClaimResult = dict[str, dict[str, dict[str, Any]]]
 
@@ -250,7 +256,38 @@ def upload_txn(
             ["key_id", "key_json", "used"],
         )
 
-    return UploadResult(changed, count_one_time_keys_txn(conn, user_id, device_id))
+    counts = count_one_time_keys_txn(conn, user_id, device_id)
+    if otks:
+        for algorithm, count in counts.items():
+            if count > MAX_UNCLAIMED_PER_ALGORITHM:
+                _drop_oldest_txn(
+                    conn,
+                    user_id,
+                    device_id,
+                    algorithm,
+                    count - MAX_UNCLAIMED_PER_ALGORITHM,
+                )
+                counts[algorithm] = MAX_UNCLAIMED_PER_ALGORITHM
+    return UploadResult(changed, counts)
+
+
+def _drop_oldest_txn(
+    conn: Connection, user_id: str, device_id: str, algorithm: str, n: int
+) -> None:
+    """Delete a device's ``n`` oldest unclaimed one-time keys of an algorithm."""
+    otk = one_time_keys.c
+    oldest = (
+        select(otk.id)
+        .where(
+            otk.user_id == user_id,
+            otk.device_id == device_id,
+            otk.algorithm == algorithm,
+        )
+        .order_by(otk.id)
+        .limit(n)
+        .scalar_subquery()
+    )
+    conn.execute(delete(one_time_keys).where(one_time_keys.c.id.in_(oldest)))
 
 
 def count_one_time_keys_txn(
