@@ -377,11 +377,7 @@ def claim_txn(conn: Connection, claims: list[tuple[str, str, str]]) -> ClaimResu
                     one_time_keys.c.key_json,
                 )
             )
-            for u, d, alg, kid, kjson in rows:
-                result.setdefault(u, {}).setdefault(d, {})[f"{alg}:{kid}"] = json.loads(
-                    kjson
-                )
-                got.add((u, d, alg))
+            got |= _add_claimed(result, rows)
         with_candidates = set(wanted.values())
         _claim_fallbacks(conn, sorted(set(remaining) - with_candidates), result)
         remaining = sorted(with_candidates - got)
@@ -421,6 +417,19 @@ def _oldest_one_time_keys(
     return wanted
 
 
+def _add_claimed(result: ClaimResult, rows: Any) -> set[tuple[str, str, str]]:
+    """Put claimed (user, device, algorithm, key id, key JSON) rows in ``result``.
+
+    Returns:
+        The (user, device, algorithm) triples that got a key.
+    """
+    got = set()
+    for u, d, alg, kid, kjson in rows:
+        result.setdefault(u, {}).setdefault(d, {})[f"{alg}:{kid}"] = json.loads(kjson)
+        got.add((u, d, alg))
+    return got
+
+
 def _claim_fallbacks(
     conn: Connection, triples: list[tuple[str, str, str]], result: ClaimResult
 ) -> None:
@@ -443,10 +452,7 @@ def _claim_fallbacks(
                 fallback_keys.c.key_json,
             )
         )
-        for u, d, alg, kid, kjson in rows:
-            result.setdefault(u, {}).setdefault(d, {})[f"{alg}:{kid}"] = json.loads(
-                kjson
-            )
+        _add_claimed(result, rows)
 
 
 def delete_device_txn(conn: Connection, user_id: str, device_id: str) -> bool:

@@ -22,6 +22,32 @@ USED = "used"
 SYNAPSE = "synapse"
 
 
+def insert_session_txn(
+    conn: Connection,
+    session_id: str,
+    user_id: str,
+    method: str,
+    uri: str,
+    body_hash: str,
+    now_ms: int,
+    lifetime_ms: int,
+) -> None:
+    """Record a new UIA session (and forget expired ones)."""
+    conn.execute(delete(uia_sessions).where(uia_sessions.c.expires_ts < now_ms))
+    conn.execute(
+        uia_sessions.insert().values(
+            session_id=session_id,
+            user_id=user_id,
+            method=method,
+            uri=uri,
+            body_hash=body_hash,
+            completed="[]",
+            created_ts=now_ms,
+            expires_ts=now_ms + lifetime_ms,
+        )
+    )
+
+
 class BindingMismatch(Exception):
     """The session belongs to another user or body, or was used already."""
 
@@ -40,22 +66,12 @@ def bind_txn(
     Raises:
         BindingMismatch: the session is known with another user or body.
     """
-    conn.execute(delete(uia_sessions).where(uia_sessions.c.expires_ts < now_ms))
     row = conn.execute(
         select(uia_sessions).where(uia_sessions.c.session_id == session_id)
     ).first()
     if row is None:
-        conn.execute(
-            uia_sessions.insert().values(
-                session_id=session_id,
-                user_id=user_id,
-                method=SYNAPSE,
-                uri=uri,
-                body_hash=body_hash,
-                completed="[]",
-                created_ts=now_ms,
-                expires_ts=now_ms + lifetime_ms,
-            )
+        insert_session_txn(
+            conn, session_id, user_id, SYNAPSE, uri, body_hash, now_ms, lifetime_ms
         )
     elif row.user_id != user_id or row.body_hash != body_hash:
         raise BindingMismatch(session_id)

@@ -33,6 +33,7 @@ from synapse_xsign_module.hosts.embedded.passwords import check_password
 from synapse_xsign_module.jsonutil import body_hash
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import uia_sessions
+from synapse_xsign_module.storage.uia_bindings import insert_session_txn
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +99,17 @@ class UIASessions:
         session_id = secrets.token_urlsafe(24)
         now = self._clock.time_msec()
 
-        def txn(conn: Connection) -> None:
-            conn.execute(delete(uia_sessions).where(uia_sessions.c.expires_ts < now))
-            conn.execute(
-                uia_sessions.insert().values(
-                    session_id=session_id,
-                    user_id=user_id,
-                    method=method,
-                    uri=uri,
-                    body_hash=digest,
-                    completed="[]",
-                    created_ts=now,
-                    expires_ts=now + self._config.session_timeout_ms,
-                )
-            )
-
-        await self._db.run("uia_create_session", txn)
+        await self._db.run(
+            "uia_create_session",
+            insert_session_txn,
+            session_id,
+            user_id,
+            method,
+            uri,
+            digest,
+            now,
+            self._config.session_timeout_ms,
+        )
         return session_id
 
     async def _load(self, session_id: str) -> Any:
