@@ -106,7 +106,7 @@ class EmbeddedServer:
     def _register_admin(self) -> None:
         done = subprocess.run(
             [*cli_command(), "--config", self.config_path, "--log-level", "WARNING"]
-            + ["register-user", ADMIN_LOCALPART, "--password", self.admin_password]
+            + ["register-user", ADMIN_LOCALPART, f"--password={self.admin_password}"]
             + ["--admin"],
             capture_output=True,
             timeout=120,

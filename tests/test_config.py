@@ -36,7 +36,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
         config = parse_config(None)
         self.assertEqual(config, XSignConfig())
         self.assertEqual(config.database.url, DEFAULT_DATABASE_URL)
-        self.assertEqual(config.database.threadpool_size, 10)
+        self.assertIsNone(config.database.threadpool_size)
         self.assertEqual(config.database.sqlite_busy_timeout_ms, 5000)
         self.assertEqual(config.database.max_attempts, 5)
         self.assertEqual(config.max_request_body_size, 8 * 1024 * 1024)
@@ -61,7 +61,8 @@ class ParseConfigDefaultsTest(unittest.TestCase):
     def test_null_option_means_default(self) -> None:
         """An option set to null keeps its default value."""
         config = parse_config({"database": {"threadpool_size": None}, "uia": {}})
-        self.assertEqual(config.database.threadpool_size, 10)
+        self.assertIsNone(config.database.threadpool_size)
+        self.assertEqual(config.database.threads(), 2)  # SQLite
 
     def test_every_option_parsed(self) -> None:
         """Every option in every section is read into the frozen config."""
@@ -279,3 +280,17 @@ class XSignModuleParseConfigTest(unittest.TestCase):
         with self.assertRaises(ConfigError) as cm:
             XSignModule.parse_config({"embedded": {"port": True}})
         self.assertEqual(cm.exception.key, "embedded.port")
+
+
+class ThreadDefaultsTest(unittest.TestCase):
+    """The thread-pool size depends on the engine unless configured."""
+
+    def test_engine_defaults(self) -> None:
+        """2 threads on SQLite, 10 on PostgreSQL, the configured value otherwise."""
+        sqlite = parse_config({"database": {"url": "sqlite:///x.db"}}).database
+        pg = parse_config({"database": {"url": "postgresql://u@h/db"}}).database
+        set_ = parse_config(
+            {"database": {"url": "sqlite:///x.db", "threadpool_size": 7}}
+        )
+        self.assertEqual((sqlite.threads(), pg.threads()), (2, 10))
+        self.assertEqual(set_.database.threads(), 7)

@@ -104,7 +104,7 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
         if in_memory:
             kwargs["poolclass"] = StaticPool
         else:
-            kwargs["pool_size"] = config.threadpool_size
+            kwargs["pool_size"] = config.threads() + 1  # + the writer thread
             kwargs["max_overflow"] = 0
         engine = create_engine(url, **kwargs)
         _setup_sqlite(engine, config.sqlite_busy_timeout_ms, wal=not in_memory)
@@ -119,7 +119,7 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
     try:
         return create_engine(
             url,
-            pool_size=config.threadpool_size,
+            pool_size=config.threads(),
             max_overflow=0,
             pool_pre_ping=True,
             isolation_level="READ COMMITTED",
@@ -173,7 +173,7 @@ class Database:
         self._reactor = reactor
         self.engine = engine or create_db_engine(config)
         self._pool = ThreadPool(
-            minthreads=1, maxthreads=config.threadpool_size, name="xsign-db"
+            minthreads=1, maxthreads=config.threads(), name="xsign-db"
         )
         # SQLite has one writer at a time: queue this process's writers on one
         # thread (first come, first served) rather than on the busy timeout.
@@ -207,7 +207,7 @@ class Database:
         if self._pool.joined:
             # Stopped by close(): a ThreadPool cannot be restarted.
             self._pool = ThreadPool(
-                minthreads=1, maxthreads=self._config.threadpool_size, name="xsign-db"
+                minthreads=1, maxthreads=self._config.threads(), name="xsign-db"
             )
             if self._write_pool is not None:
                 self._write_pool = ThreadPool(
