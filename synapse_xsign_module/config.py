@@ -74,6 +74,9 @@ class EmbeddedConfig:
         port: TCP port to listen on.
         x_forwarded: trust ``X-Forwarded-For`` for the client address in the log.
         access_log: write one line per request.
+        metrics_port: serve Prometheus metrics at ``/metrics`` on this port
+            (None: not served).
+        metrics_bind_address: address of the metrics listener.
     """
 
     server_name: str = "localhost"
@@ -81,6 +84,8 @@ class EmbeddedConfig:
     port: int = 8008
     x_forwarded: bool = False
     access_log: bool = True
+    metrics_port: int | None = None
+    metrics_bind_address: str = "127.0.0.1"
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -137,6 +142,17 @@ def _get(
         raise ConfigError(
             path, f"must be of type {kind.__name__}, got {type(value).__name__}"
         )
+    return value
+
+
+def _metrics_port(section: Mapping[str, Any]) -> int | None:
+    value = section.get("metrics_port")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError("embedded.metrics_port", "must be an integer port or null")
+    if not 0 <= value <= 65535:
+        raise ConfigError("embedded.metrics_port", "must be between 0 and 65535")
     return value
 
 
@@ -231,7 +247,15 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
     _check_known(
         emb_raw,
         "embedded",
-        {"server_name", "bind_address", "port", "x_forwarded", "access_log"},
+        {
+            "server_name",
+            "bind_address",
+            "port",
+            "x_forwarded",
+            "access_log",
+            "metrics_port",
+            "metrics_bind_address",
+        },
     )
     e = EmbeddedConfig()
     port = _get(emb_raw, "embedded", "port", int, e.port)
@@ -246,6 +270,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
         port=port,
         x_forwarded=_get(emb_raw, "embedded", "x_forwarded", bool, e.x_forwarded),
         access_log=_get(emb_raw, "embedded", "access_log", bool, e.access_log),
+        metrics_port=_metrics_port(emb_raw),
+        metrics_bind_address=_get(
+            emb_raw, "embedded", "metrics_bind_address", str, e.metrics_bind_address
+        ),
     )
 
     c = XSignConfig()

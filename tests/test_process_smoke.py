@@ -116,6 +116,7 @@ class ProcessTestCase(unittest.TestCase):
                 "  bind_address: 127.0.0.1\n"
                 "  port: 0\n"  # any free port; the log says which
                 "  access_log: true\n"
+                "  metrics_port: 0\n"  # any free port, logged
             )
         return path
 
@@ -237,6 +238,20 @@ class EmbeddedProcessTest(ProcessTestCase):
         )
         whoami = json.loads(await wait(treq.content(resp), 10))
         self.assertEqual(whoami["user_id"], user_id)
+
+        # Prometheus metrics on their own port.
+        m = re.search(
+            r"Prometheus metrics on (http://127\.0\.0\.1:\d+/metrics)", proto.stderr
+        )
+        assert m is not None, proto.stderr
+        resp = await wait(self.http.get(m.group(1)), 10)
+        metrics = (await wait(treq.content(resp), 10)).decode()
+        self.assertEqual(resp.code, 200)
+        self.assertIn(
+            'xsign_http_requests_total{code="200",endpoint="keys/query",method="POST"} 1.0',
+            metrics,
+        )
+        self.assertIn('xsign_db_transactions_total{desc="query_keys"}', metrics)
         await self.pool.closeCachedConnections()
 
         transport.signalProcess("TERM")

@@ -37,7 +37,7 @@ def build_admin_resource(service: XSignService) -> JsonResource:
     """The admin API resource (the embedded host adds its account routes)."""
     host = service.host
     admin = service.admin
-    resource = JsonResource()
+    resource = JsonResource("admin")
 
     async def user_keys(request: Request, user_id: str) -> tuple[int, JsonDict]:
         await require_admin(host, request)
@@ -79,7 +79,7 @@ def build_admin_resource(service: XSignService) -> JsonResource:
 
 def build_synapse_compat_resource(service: XSignService) -> JsonResource:
     """``/_synapse/admin/v1/users/{user_id}/_allow_cross_signing_...`` (embedded)."""
-    resource = JsonResource()
+    resource = JsonResource("admin")
 
     async def allow_replacement(request: Request, user_id: str) -> tuple[int, JsonDict]:
         who = await require_admin(service.host, request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -29,6 +30,7 @@ from synapse_xsign_module.errors import (
     MatrixError,
     bad_json,
 )
+from synapse_xsign_module.metrics import HTTP_DURATION, HTTP_REQUESTS
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +298,10 @@ class JsonResource(Resource):
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "other") -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        #: The endpoint's name in metrics (e.g. ``keys/query``).
+        self.name = name
         self._routes: list[Route] = []
         #: How requests are started; see :data:`RequestRunner`.
         self.request_runner: RequestRunner = start_request
@@ -321,6 +325,15 @@ class JsonResource(Resource):
         return NOT_DONE_YET
 
     async def _dispatch(self, request: Request) -> None:
+        start = time.monotonic()
+        try:
+            await self._dispatch_inner(request)
+        finally:
+            method = request.method.decode("ascii", "replace")
+            HTTP_REQUESTS.labels(self.name, method, str(request.code)).inc()
+            HTTP_DURATION.labels(self.name).observe(time.monotonic() - start)
+
+    async def _dispatch_inner(self, request: Request) -> None:
         try:
             method = request.method.decode("ascii")
             if method == "OPTIONS":

@@ -32,13 +32,14 @@ def key_paths() -> dict[str, tuple[str, ...]]:
 
 
 def _endpoint(
+    name: str,
     host: Host,
     max_body: int,
     handler: KeyHandler,
     allow_guest: bool = True,
 ) -> JsonResource:
     """A leaf resource serving ``POST`` at exactly its mount point."""
-    resource = JsonResource()
+    resource = JsonResource(name)
 
     async def on_post(request: Request) -> tuple[int, JsonDict]:
         requester = await host.authenticate(request, allow_guest=allow_guest)
@@ -82,7 +83,7 @@ def register_key_resources(host: Host, service: XSignService) -> list[str]:
     }
     paths = []
     for name, versions in key_paths().items():
-        resource = _endpoint(host, max_body, handlers[name])
+        resource = _endpoint(f"keys/{name}", host, max_body, handlers[name])
         for version in versions:
             path = f"/_matrix/client/{version}/keys/{name}"
             host.register_resource(path, resource)

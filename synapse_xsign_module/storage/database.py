@@ -29,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.errors import ConfigError
+from synapse_xsign_module.metrics import DB_RETRIES, DB_TRANSACTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +318,14 @@ class Database:
                         result = fn(conn, *args, **kwargs)
                 with self._lock:
                     self.transactions += 1
+                DB_TRANSACTIONS.labels(desc).inc()
                 return result
             except Exception as e:
                 if attempt >= self.max_attempts or not is_retryable(e):
                     raise
                 with self._lock:
                     self.retries += 1
+                DB_RETRIES.labels(desc).inc()
                 delay = min(0.5, 0.01 * (2 ** (attempt - 1))) * (0.5 + random.random())
                 logger.warning(
                     "Transaction %s failed (attempt %d of %d), retrying in %.3fs: %s",

@@ -95,6 +95,22 @@ def cmd_run(config: XSignConfig, listen_fd: int | None = None) -> int:
         address.port,
         emb.server_name,
     )
+    if emb.metrics_port is not None and listen_fd is None:
+        from prometheus_client.twisted import MetricsResource
+
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource())  # type: ignore[no-untyped-call,arg-type]
+        metrics = r.listenTCP(
+            emb.metrics_port, Site(root), interface=emb.metrics_bind_address
+        )
+        logger.info(
+            "Prometheus metrics on http://%s:%d/metrics",
+            metrics.getHost().host,
+            metrics.getHost().port,
+        )
     r.addSystemEventTrigger("before", "shutdown", logger.info, "Shutting down")
     r.run()
     return 0

@@ -89,7 +89,7 @@ async def _issue_token(
 
 
 def _login_resource(host: EmbeddedHost) -> JsonResource:
-    resource = JsonResource()
+    resource = JsonResource("login")
     max_body = host.service.config.max_request_body_size
 
     async def get_flows(request: Request) -> tuple[int, JsonDict]:
@@ -142,7 +142,7 @@ def _login_resource(host: EmbeddedHost) -> JsonResource:
 
 
 def _whoami_resource(host: EmbeddedHost) -> JsonResource:
-    resource = JsonResource()
+    resource = JsonResource("whoami")
 
     async def whoami(request: Request) -> tuple[int, JsonDict]:
         who = await host.authenticate(request)
@@ -156,7 +156,7 @@ def _whoami_resource(host: EmbeddedHost) -> JsonResource:
 
 
 def _logout_resource(host: EmbeddedHost) -> JsonResource:
-    resource = JsonResource()
+    resource = JsonResource("logout")
 
     async def logout(request: Request) -> tuple[int, JsonDict]:
         who = await host.authenticate(request)
@@ -173,7 +173,7 @@ def _logout_resource(host: EmbeddedHost) -> JsonResource:
 
 
 def _versions_resource() -> JsonResource:
-    resource = JsonResource()
+    resource = JsonResource("versions")
 
     async def versions(request: Request) -> tuple[int, JsonDict]:
         return 200, {"versions": SPEC_VERSIONS, "unstable_features": {}}
