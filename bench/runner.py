@@ -166,14 +166,36 @@ class Feed:
         return max(8 * concurrency, 50)
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux ``/proc``), or None."""
+def _own_cpu_and_parent(pid: int) -> tuple[float, int] | None:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu, int(fields[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of a process and its live children (Linux ``/proc``).
+
+    The children count for ``run --workers N``, whose supervisor does no work
+    itself. None when ``/proc`` cannot tell.
+    """
+    own = _own_cpu_and_parent(pid)
+    if own is None:
+        return None
+    total = own[0]
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return total
+    for entry in entries:
+        if entry.isdigit() and int(entry) != pid:
+            child = _own_cpu_and_parent(int(entry))
+            if child is not None and child[1] == pid:
+                total += child[0]
+    return total
 
 
 async def run_cell(
