@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 from typing import Any
@@ -18,7 +17,7 @@ from twisted.trial import unittest
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.storage.database import Database, is_retryable
 from synapse_xsign_module.storage.schema import host_users
-from tests.utils import prepare_database, test_db_url
+from tests.utils import capture_logs, prepare_database, remove_sqlite, test_db_url
 
 BUSY_TIMEOUT_MS = 1234
 
@@ -68,7 +67,7 @@ class DatabaseTestCase(unittest.TestCase):
         self.addCleanup(self.db.close)
         if self.url.startswith("sqlite:///"):
             path = self.url[len("sqlite:///") :]
-            self.addCleanup(_remove_files, path)
+            self.addCleanup(remove_sqlite, path)
 
     @property
     def is_postgres(self) -> bool:
@@ -99,34 +98,6 @@ class DatabaseTestCase(unittest.TestCase):
                 "x", None, sqlite3.OperationalError("database is locked")
             )
         raise OperationalError("x", None, _FakePgError("deadlock", sqlstate))
-
-
-class _ListHandler(logging.Handler):
-    """Keeps the records it is given."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def capture_logs(case: unittest.TestCase, name: str) -> list[logging.LogRecord]:
-    """Collect the records of logger ``name`` for the rest of the test."""
-    handler = _ListHandler()
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
-    case.addCleanup(logger.removeHandler, handler)
-    return handler.records
-
-
-def _remove_files(path: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.remove(path + suffix)
-        except FileNotFoundError:
-            pass
 
 
 class RunTest(DatabaseTestCase):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
 import sys
@@ -11,7 +10,14 @@ import tempfile
 from typing import Any
 
 from synapse_xsign_module.hosts.embedded import cli
-from tests.utils import PASSWORD, SERVER_NAME, HostTestCase, TestUser, public_key
+from tests.utils import (
+    PASSWORD,
+    SERVER_NAME,
+    HostTestCase,
+    TestUser,
+    public_key,
+    restore_root_logging,
+)
 
 LOGIN = "/_matrix/client/v3/login"
 WHOAMI = "/_matrix/client/v3/account/whoami"
@@ -342,16 +348,7 @@ class RegisterUserCommandTest(HostTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-
-        def restore() -> None:
-            for h in list(root.handlers):
-                if h not in handlers:
-                    root.removeHandler(h)
-            root.setLevel(level)
-
-        self.addCleanup(restore)
+        restore_root_logging(self)
         tmp = tempfile.mkdtemp(prefix="xsign-reg-")
         self.addCleanup(shutil.rmtree, tmp, True)
         self.config_path = os.path.join(tmp, "config.yaml")

@@ -24,7 +24,7 @@ from synapse_xsign_module.http.base import (
     JsonResource,
     read_json_body,
 )
-from tests.utils import HostTestCase, Response
+from tests.utils import HostTestCase, Response, capture_logs
 
 UPLOAD = "/_matrix/client/v3/keys/upload"
 
@@ -33,29 +33,6 @@ CORS = {
     "Access-Control-Allow-Methods": "GET, HEAD, POST, PUT, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "X-Requested-With, Content-Type, Authorization",
 }
-
-
-class _ListHandler(logging.Handler):
-    """Keeps the records it is given."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def capture_logs(case: unittest.TestCase, name: str) -> list[logging.LogRecord]:
-    """Collect the records of logger ``name`` for the rest of the test."""
-    handler = _ListHandler()
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    case.addCleanup(logger.setLevel, level)
-    case.addCleanup(logger.removeHandler, handler)
-    return handler.records
 
 
 class JsonHttpTestCase(HostTestCase):

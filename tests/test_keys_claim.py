@@ -6,25 +6,15 @@ import threading
 from collections import Counter
 from typing import Any
 
-from signedjson.key import generate_signing_key
-from signedjson.sign import sign_json
 from sqlalchemy import Connection, event, select, text
 
 from twisted.internet import defer
 
 from synapse_xsign_module.storage.device_keys import ClaimResult, claim_txn
 from synapse_xsign_module.storage.schema import fallback_keys
-from tests.utils import SERVER_NAME, HostTestCase, Response, TestUser, public_key
+from tests.utils import SERVER_NAME, HostTestCase, Response, TestUser, signed_key
 
 ALG = "signed_curve25519"
-
-
-def signed_key(user: TestUser, fallback: bool = False) -> dict[str, Any]:
-    """A fresh ``signed_curve25519`` key object signed by the user's device key."""
-    obj: dict[str, Any] = {"key": public_key(generate_signing_key("k"))}
-    if fallback:
-        obj["fallback"] = True
-    return sign_json(obj, user.user_id, user.device_key)
 
 
 class KeysClaimTest(HostTestCase):

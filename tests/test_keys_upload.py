@@ -18,17 +18,16 @@ from synapse_xsign_module.storage.schema import (
     host_access_tokens,
     one_time_keys,
 )
-from tests.utils import HostTestCase, Response, TestUser, make_device_keys, public_key
+from tests.utils import (
+    HostTestCase,
+    Response,
+    TestUser,
+    make_device_keys,
+    public_key,
+    signed_key,
+)
 
 ALG = "signed_curve25519"
-
-
-def signed_key(user: TestUser, fallback: bool = False) -> dict[str, Any]:
-    """A fresh ``signed_curve25519`` key object signed by the user's device key."""
-    obj: dict[str, Any] = {"key": public_key(generate_signing_key("k"))}
-    if fallback:
-        obj["fallback"] = True
-    return sign_json(obj, user.user_id, user.device_key)
 
 
 class KeysUploadTest(HostTestCase):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
 import sys
@@ -27,7 +26,7 @@ from synapse_xsign_module.storage.schema import (
     cross_signing_keys,
     metadata,
 )
-from tests.utils import drop_all, postgres_url
+from tests.utils import drop_all, postgres_url, restore_root_logging
 
 
 def schema_diff(engine: Engine, target: MetaData = metadata) -> list[Any]:
@@ -202,17 +201,7 @@ class MigrateCommandTest(unittest.TestCase):
     """``synapse-xsign migrate`` on a fresh SQLite file."""
 
     def setUp(self) -> None:
-        # The CLI configures stdlib logging; undo that after each test.
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-
-        def restore() -> None:
-            for h in list(root.handlers):
-                if h not in handlers:
-                    root.removeHandler(h)
-            root.setLevel(level)
-
-        self.addCleanup(restore)
+        restore_root_logging(self)
         self.tmp = tempfile.mkdtemp(prefix="xsign-cli-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
 

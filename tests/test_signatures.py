@@ -62,6 +62,20 @@ class SignatureTestBase(CrossSigningTestBase):
 
         return cross_signing_key(user.user_id, "master", user.master)
 
+    async def sign_device_and_master(self, user: TestUser) -> dict[str, Any]:
+        """The SSK signs the device and the device signs the master key.
+
+        Returns:
+            The master key object carrying the device's signature.
+        """
+        await self.sign_upload(
+            user, {user.user_id: {user.device_id: self.ssk_signed_device(user)}}
+        )
+        master = sign_json(self.master_obj(user), user.user_id, user.device_key)
+        await self.sign_upload(user, {user.user_id: {public_key(user.master): master}})
+        self.assertEqual(self.signature_rows(), 2)
+        return master
+
     def signature_rows(self) -> int:
         """How many signatures are stored."""
         with self.db.engine.connect() as conn:
@@ -388,14 +402,7 @@ class LifecycleTest(SignatureTestBase):
     async def test_reupload_keeps_signatures_that_still_hold(self) -> None:
         """Only signatures that the new device keys invalidate are dropped."""
         alice = await self.ready_user("alice")
-        await self.sign_upload(
-            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
-        )
-        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
-        await self.sign_upload(
-            alice, {alice.user_id: {public_key(alice.master): master}}
-        )
-        self.assertEqual(self.signature_rows(), 2)
+        master = await self.sign_device_and_master(alice)
         # Same signed content, one more signature entry: both signatures hold.
         dk = alice.device_keys()
         dk["signatures"][alice.user_id]["ed25519:EXTRA"] = "x"
@@ -427,14 +434,7 @@ class LifecycleTest(SignatureTestBase):
     async def test_deleted_device_signatures_gone(self) -> None:
         """Logging out (deleting the device) removes signatures over and by it."""
         alice = await self.ready_user("alice")
-        await self.sign_upload(
-            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
-        )
-        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
-        await self.sign_upload(
-            alice, {alice.user_id: {public_key(alice.master): master}}
-        )
-        self.assertEqual(self.signature_rows(), 2)
+        await self.sign_device_and_master(alice)
         resp = await self.client.post(
             "/_matrix/client/v3/logout", {}, token=alice.token
         )

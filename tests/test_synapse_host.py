@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.trial import unittest
@@ -24,6 +23,7 @@ from tests.utils import (
     make_config,
     prepare_database,
     public_key,
+    remove_sqlite,
     test_db_url,
 )
 
@@ -52,7 +52,7 @@ class SynapseHostTestCase(unittest.TestCase):
     def setUp(self) -> None:
         self.db_url = test_db_url()
         if self.db_url.startswith("sqlite:///"):
-            self.addCleanup(_remove_sqlite, self.db_url[len("sqlite:///") :])
+            self.addCleanup(remove_sqlite, self.db_url[len("sqlite:///") :])
         else:
             # Migrated and emptied, as HostTestCase does.
             prepare_database(make_config(self.db_url).database).close()
@@ -99,14 +99,6 @@ class SynapseHostTestCase(unittest.TestCase):
             return None
         ((value,),) = [list(master["keys"].values())]
         return str(value)
-
-
-def _remove_sqlite(path: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.remove(path + suffix)
-        except FileNotFoundError:
-            pass
 
 
 class RegistrationTest(SynapseHostTestCase):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -178,6 +179,43 @@ async def pump(d: defer.Deferred[Any], stub: StubTreq | None = None) -> Any:
 _FLUSHERS: dict[int, _Flusher] = {}
 
 
+class _ListHandler(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def capture_logs(case: unittest.TestCase, name: str) -> list[logging.LogRecord]:
+    """Collect every record of logger ``name`` for the rest of the test."""
+    handler = _ListHandler()
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    case.addCleanup(logger.setLevel, level)
+    case.addCleanup(logger.removeHandler, handler)
+    return handler.records
+
+
+def restore_root_logging(case: unittest.TestCase) -> None:
+    """Undo, after the test, what the CLI does to stdlib logging's root logger."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def restore() -> None:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+
+    case.addCleanup(restore)
+
+
 class Response:
     """A finished response: status, headers and the parsed JSON body."""
 
@@ -273,7 +311,7 @@ class HostTestCase(unittest.TestCase):
         self.addCleanup(self.service.stop)
         if self.db_url.startswith("sqlite:///"):
             path = self.db_url[len("sqlite:///") :]
-            self.addCleanup(_remove_sqlite, path)
+            self.addCleanup(remove_sqlite, path)
 
     async def make_user(
         self, localpart: str, admin: bool = False, password: str = PASSWORD
@@ -312,7 +350,8 @@ class HostTestCase(unittest.TestCase):
         return TestUser(user_id, device, token)
 
 
-def _remove_sqlite(path: str) -> None:
+def remove_sqlite(path: str) -> None:
+    """Delete a SQLite file with its WAL and shared-memory files."""
     for suffix in ("", "-wal", "-shm"):
         try:
             os.remove(path + suffix)
@@ -370,6 +409,14 @@ class TestUser:
                 self.user_id, "user_signing", self.user_signing, self.master
             ),
         }
+
+
+def signed_key(user: TestUser, fallback: bool = False) -> dict[str, Any]:
+    """A fresh ``signed_curve25519`` key object signed by the user's device key."""
+    obj: dict[str, Any] = {"key": public_key(generate_signing_key("k"))}
+    if fallback:
+        obj["fallback"] = True
+    return sign_json(obj, user.user_id, user.device_key)
 
 
 def new_signing_key() -> Any:
