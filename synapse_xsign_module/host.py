@@ -7,7 +7,7 @@ standalone server with its own accounts.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import attr
@@ -119,8 +119,3 @@ class Host(Protocol):
 
         Only the signer is told (a user-signing key is private). Fire and forget.
         """
-
-
-def pool_runner(host: Host) -> Callable[[ThreadPool, Callable[[], T]], Awaitable[T]]:
-    """Adapt :meth:`Host.run_in_threadpool` to the Database's runner shape."""
-    return host.run_in_threadpool

@@ -218,16 +218,6 @@ class AdminStore:
     def delete_device_keys(self, user_id: str, device_id: str) -> defer.Deferred[bool]:
         """Remove one device's keys; True if it had any key at all."""
 
-        def txn(conn: Connection) -> bool:
-            had_any = any(
-                conn.execute(
-                    select(func.count())
-                    .select_from(table)
-                    .where(table.c.user_id == user_id, table.c.device_id == device_id)
-                ).scalar_one()
-                for table in (device_keys, one_time_keys, fallback_keys)
-            )
-            delete_device_txn(conn, user_id, device_id)
-            return had_any
-
-        return self._db.run("admin_delete_device_keys", txn)
+        return self._db.run(
+            "admin_delete_device_keys", delete_device_txn, user_id, device_id
+        )

@@ -16,7 +16,6 @@ from sqlalchemy import Connection, and_, delete, or_, select, update
 
 from twisted.internet import defer
 
-from synapse_xsign_module.jsonutil import canonical_json
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import (
     cross_signing_keys,
@@ -283,20 +282,3 @@ class CrossSigningStore:
             granted_by,
             now_ms,
         )
-
-    def reset(self, user_id: str, now_ms: int) -> defer.Deferred[int]:
-        """See :func:`reset_txn`."""
-        return self._db.run("reset_cross_signing", reset_txn, user_id, now_ms)
-
-
-__all__ = [
-    "KEY_TYPES",
-    "MASTER",
-    "SELF_SIGNING",
-    "USER_SIGNING",
-    "CrossSigningStore",
-    "IdentityChanged",
-    "NewKey",
-    "StoredKey",
-    "canonical_json",
-]

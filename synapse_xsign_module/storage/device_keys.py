@@ -459,22 +459,18 @@ def delete_device_txn(conn: Connection, user_id: str, device_id: str) -> bool:
     """Remove a device's keys, one-time keys, fallback keys and signatures.
 
     Returns:
-        Whether the device had identity keys.
+        Whether the device had any key (identity, one-time or fallback).
     """
     lock_users(conn, [user_id])
-    had = conn.execute(
-        delete(device_keys).where(
-            device_keys.c.user_id == user_id, device_keys.c.device_id == device_id
-        )
-    ).rowcount
-    for table in (one_time_keys, fallback_keys):
-        conn.execute(
+    removed = 0
+    for table in (device_keys, one_time_keys, fallback_keys):
+        removed += conn.execute(
             delete(table).where(
                 table.c.user_id == user_id, table.c.device_id == device_id
             )
-        )
+        ).rowcount
     delete_signatures_on_device_txn(conn, user_id, device_id)
-    return bool(had)
+    return removed > 0
 
 
 def device_ids_with_keys_txn(conn: Connection, user_id: str) -> set[str]:
@@ -520,10 +516,6 @@ class DeviceKeyStore:
     def claim(self, claims: list[tuple[str, str, str]]) -> defer.Deferred[ClaimResult]:
         """See :func:`claim_txn`."""
         return self._db.run("claim_keys", claim_txn, claims)
-
-    def delete_device(self, user_id: str, device_id: str) -> defer.Deferred[bool]:
-        """See :func:`delete_device_txn`."""
-        return self._db.run("delete_device_keys", delete_device_txn, user_id, device_id)
 
     def device_ids_with_keys(self, user_id: str) -> defer.Deferred[set[str]]:
         """See :func:`device_ids_with_keys_txn`."""
