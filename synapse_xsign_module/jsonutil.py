@@ -6,10 +6,20 @@ import hashlib
 import json
 from typing import Any
 
+# One encoder of each kind, built once: json.dumps() with options builds a new
+# JSONEncoder on every call, which costs more than encoding a small key.
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 
 def canonical_json(value: Any) -> str:
     """Encode ``value`` as Matrix canonical JSON text (sorted keys, compact)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return _CANONICAL.encode(value)
+
+
+def compact_json(value: Any) -> str:
+    """Encode ``value`` as compact JSON text, keys in their given order."""
+    return _COMPACT.encode(value)
 
 
 def body_hash(body: dict[str, Any]) -> str:

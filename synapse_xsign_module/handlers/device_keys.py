@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -18,8 +19,8 @@ from synapse_xsign_module.handlers.validation import (
     server_of,
 )
 from synapse_xsign_module.host import Host, HostDevices, Requester
-from synapse_xsign_module.http.base import JsonDict, JsonWithRaw, RawJson, dumps_compact
-from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.http.base import JsonDict, JsonWithRaw, RawJson
+from synapse_xsign_module.jsonutil import canonical_json, compact_json
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
     SELF_SIGNING,
@@ -242,15 +243,11 @@ class DeviceKeysHandler:
                     unsigned["device_display_name"] = name
                 extra = snap.signatures.get((user_id, device_id))
                 if extra:
-                    obj = json.loads(key_json)
-                    _merge_signatures(obj, extra)
-                    obj["unsigned"] = unsigned
-                    devices_out[device_id] = obj
-                else:
-                    # Stored without "unsigned" (see parse_device_keys).
-                    devices_out[device_id] = RawJson(
-                        f'{key_json[:-1]},"unsigned":{dumps_compact(unsigned)}}}'
-                    )
+                    key_json = with_signatures(key_json, tuple(sorted(extra)))
+                # Stored without "unsigned" (see parse_device_keys).
+                devices_out[device_id] = RawJson(
+                    f'{key_json[:-1]},"unsigned":{compact_json(unsigned)}}}'
+                )
             device_keys[user_id] = devices_out
 
             keys = snap.cross_signing.get(user_id, {})
@@ -266,12 +263,11 @@ class DeviceKeysHandler:
                         or not sig[1].startswith("ed25519:")
                         or sig[1][len("ed25519:") :] in existing
                     ]
-                if sigs:
-                    obj = json.loads(master.key_json)
-                    _merge_signatures(obj, sigs)
-                    master_keys[user_id] = obj
-                else:
-                    master_keys[user_id] = RawJson(master.key_json)
+                master_keys[user_id] = RawJson(
+                    with_signatures(master.key_json, tuple(sorted(sigs)))
+                    if sigs
+                    else master.key_json
+                )
             ssk = keys.get(SELF_SIGNING)
             if ssk is not None:
                 self_signing_keys[user_id] = RawJson(ssk.key_json)
@@ -318,10 +314,33 @@ class DeviceKeysHandler:
         return {"one_time_keys": claimed, "failures": failures}
 
 
-def _merge_signatures(obj: JsonDict, extra: list[tuple[str, str, str]] | None) -> None:
+#: Keys rendered with their detached signatures, remembered by content.
+RENDER_CACHE_SIZE = 8192
+
+
+@functools.lru_cache(maxsize=RENDER_CACHE_SIZE)
+def with_signatures(key_json: str, extra: tuple[tuple[str, str, str], ...]) -> str:
+    """A stored key's JSON with detached signatures merged into ``signatures``.
+
+    A pure function of its arguments, so it is remembered: the same key with the
+    same signatures is queried again and again, and is then neither decoded nor
+    encoded. Nothing needs invalidating (a changed key or signature is a
+    different argument).
+
+    Args:
+        key_json: the key as stored (a JSON object).
+        extra: (signer user id, signer key id, signature) triples, sorted.
+
+    Returns:
+        Compact JSON of the merged object.
+    """
+    obj = json.loads(key_json)
+    _merge_signatures(obj, extra)
+    return compact_json(obj)
+
+
+def _merge_signatures(obj: JsonDict, extra: tuple[tuple[str, str, str], ...]) -> None:
     """Add detached signatures to a key object's ``signatures``."""
-    if not extra:
-        return
     sigs = obj.get("signatures")
     if not isinstance(sigs, dict):
         sigs = {}

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from json.encoder import encode_basestring
 from typing import Any
 from urllib.parse import unquote
 
@@ -30,6 +31,7 @@ from synapse_xsign_module.errors import (
     MatrixError,
     bad_json,
 )
+from synapse_xsign_module.jsonutil import compact_json
 from synapse_xsign_module.metrics import HTTP_DURATION, HTTP_REQUESTS
 
 logger = logging.getLogger(__name__)
@@ -86,26 +88,29 @@ class JsonWithRaw(dict[str, Any]):
     """A response body whose leaves may be :class:`RawJson`."""
 
 
-def dumps_compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 def _encode_with_raw(value: Any, out: list[str]) -> None:
+    """Append the JSON text of ``value`` to ``out``, :class:`RawJson` as it is.
+
+    Object keys are strings (as in every body the module builds).
+    """
     if isinstance(value, RawJson):
         out.append(value)
-    elif isinstance(value, dict):
-        out.append("{")
-        first = True
+    elif isinstance(value, dict) and value:
+        sep = "{"
         for key, item in value.items():
-            if not first:
-                out.append(",")
-            first = False
-            out.append(dumps_compact(key))
+            out.append(sep)
+            out.append(encode_basestring(key))
             out.append(":")
-            _encode_with_raw(item, out)
+            if isinstance(item, RawJson):
+                out.append(item)
+            elif isinstance(item, dict):
+                _encode_with_raw(item, out)
+            else:
+                out.append(compact_json(item))
+            sep = ","
         out.append("}")
     else:
-        out.append(dumps_compact(value))
+        out.append(compact_json(value))
 
 
 def encode_json(body: Any) -> bytes:
@@ -114,7 +119,7 @@ def encode_json(body: Any) -> bytes:
         parts: list[str] = []
         _encode_with_raw(body, parts)
         return "".join(parts).encode("utf-8")
-    return dumps_compact(body).encode("utf-8")
+    return compact_json(body).encode("utf-8")
 
 
 def respond(request: Request, code: int, body: JsonDict) -> None:
