@@ -265,6 +265,40 @@ class RetryTest(DatabaseTestCase):
         self.assertEqual(self.db.retries, 1)
         self.assertEqual(await self.all_users(), ["@try2:x"])
 
+    async def test_connection_killed_between_transactions_is_replaced(self) -> None:
+        """A kept connection that the server closed while idle is replaced."""
+        if not self.is_postgres:
+            raise unittest.SkipTest("needs PostgreSQL (XSIGN_TEST_POSTGRES_URL)")
+
+        def pid(conn: Connection) -> int:
+            value: int = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            return value
+
+        # The writer and reader threads may differ: kill every kept connection.
+        first = {await self.db.run("pid", pid) for _ in range(3)}
+        with self.db.engine.connect() as other:
+            for p in first:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({int(p)})")
+            other.commit()
+        self.assertEqual(
+            await self.db.run("after", lambda conn: add_user(conn, "@k:x")), None
+        )
+        self.assertEqual(await self.all_users(), ["@k:x"])
+        self.assertTrue(first.isdisjoint({await self.db.run("pid", pid)}))
+
+
+class ConnectionReuseTest(DatabaseTestCase):
+    """Pool threads keep their connection between transactions."""
+
+    async def test_connections_kept_then_closed(self) -> None:
+        """Connections stay open between transactions; close() returns them all."""
+        for _ in range(3):
+            await self.db.run("w", lambda conn: None)
+            await self.db.run_read("r", lambda conn: None)
+        self.assertGreater(self.db.engine.pool.checkedout(), 0)  # type: ignore[attr-defined]
+        self.db.close()
+        self.assertEqual(self.db.engine.pool.checkedout(), 0)  # type: ignore[attr-defined]
+
 
 class MaxAttemptsTest(DatabaseTestCase):
     """max_attempts bounds the retries."""

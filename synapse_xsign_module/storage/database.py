@@ -45,6 +45,11 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 PoolRunner = Callable[[ThreadPool, Callable[[], T]], Awaitable[T]]
 
 
+#: Connections beyond one per pool thread (each thread keeps its own): for
+#: migrations and other work outside the pool.
+SPARE_CONNECTIONS = 2
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether a failed transaction may be retried from the start.
 
@@ -106,7 +111,7 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
             kwargs["poolclass"] = StaticPool
         else:
             kwargs["pool_size"] = config.threads() + 1  # + the writer thread
-            kwargs["max_overflow"] = 0
+            kwargs["max_overflow"] = SPARE_CONNECTIONS
         engine = create_engine(url, **kwargs)
         _setup_sqlite(engine, config.sqlite_busy_timeout_ms, wal=not in_memory)
         return engine
@@ -121,7 +126,7 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
         return create_engine(
             url,
             pool_size=config.threads(),
-            max_overflow=0,
+            max_overflow=SPARE_CONNECTIONS,
             pool_pre_ping=True,
             isolation_level="READ COMMITTED",
         )
@@ -191,6 +196,13 @@ class Database:
         self.retries = 0
         self.transactions = 0
         self._lock = threading.Lock()
+        # Each pool thread keeps its connection between transactions (checking
+        # one out of SQLAlchemy's pool for every transaction costs more than a
+        # small transaction). An in-memory SQLite database is one connection
+        # shared by every thread (StaticPool): there, connect per transaction.
+        self._persistent = not isinstance(self.engine.pool, StaticPool)
+        self._local = threading.local()
+        self._open: set[Connection] = set()
 
     @property
     def engine_name(self) -> str:
@@ -235,7 +247,59 @@ class Database:
                 except (ValueError, KeyError):
                     pass  # already fired: we are being called by it
                 self._shutdown_trigger = None
+        # The pool threads have stopped: nothing uses their connections now.
+        with self._lock:
+            kept, self._open = list(self._open), set()
+        for conn in kept:
+            self._close_quietly(conn)
         self.engine.dispose()
+
+    @staticmethod
+    def _close_quietly(conn: Connection) -> None:
+        try:
+            conn.close()
+        except Exception as e:  # a dead connection may fail to close
+            logger.debug("Closing a database connection failed: %s", e)
+
+    def _thread_connection(self) -> Connection:
+        """This thread's connection, opened on first use or after a failure."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.engine.connect()
+            self._local.conn = conn
+            with self._lock:
+                self._open.add(conn)
+        return conn
+
+    def _drop_thread_connection(self, conn: Connection) -> None:
+        """Forget and close a connection after a database error."""
+        self._local.conn = None
+        with self._lock:
+            self._open.discard(conn)
+        self._close_quietly(conn)
+
+    def _transaction(
+        self,
+        write: bool,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn`` once inside one transaction; commit or roll back."""
+        if not self._persistent:
+            with self.engine.connect() as conn:
+                conn.execution_options(xsign_write=write)
+                with conn.begin():
+                    return fn(conn, *args, **kwargs)
+        conn = self._thread_connection()
+        try:
+            conn.execution_options(xsign_write=write)
+            with conn.begin():
+                return fn(conn, *args, **kwargs)
+        except DBAPIError:
+            # The connection may be broken: the next attempt opens another.
+            self._drop_thread_connection(conn)
+            raise
 
     def _default_runner(self, pool: ThreadPool, fn: Callable[[], T]) -> Awaitable[T]:
         return threads.deferToThreadPool(self._reactor, pool, fn)
@@ -312,10 +376,7 @@ class Database:
         while True:
             attempt += 1
             try:
-                with self.engine.connect() as conn:
-                    conn.execution_options(xsign_write=write)
-                    with conn.begin():
-                        result = fn(conn, *args, **kwargs)
+                result = self._transaction(write, fn, *args, **kwargs)
                 with self._lock:
                     self.transactions += 1
                 DB_TRANSACTIONS.labels(desc).inc()
