@@ -77,6 +77,9 @@ class EmbeddedConfig:
         metrics_port: serve Prometheus metrics at ``/metrics`` on this port
             (None: not served).
         metrics_bind_address: address of the metrics listener.
+        token_cache_ms: how long a verified access token is remembered (0: not
+            at all). A token revoked by another process (``--workers``) keeps
+            working here for at most this long.
     """
 
     server_name: str = "localhost"
@@ -86,6 +89,7 @@ class EmbeddedConfig:
     access_log: bool = True
     metrics_port: int | None = None
     metrics_bind_address: str = "127.0.0.1"
+    token_cache_ms: int = 2000
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -163,6 +167,12 @@ def _optional_positive(path: str, value: int | None) -> int | None:
 def _positive(path: str, value: int) -> int:
     if value <= 0:
         raise ConfigError(path, "must be a positive integer")
+    return value
+
+
+def _non_negative(path: str, value: int) -> int:
+    if value < 0:
+        raise ConfigError(path, "must be zero or a positive integer")
     return value
 
 
@@ -255,6 +265,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
             "access_log",
             "metrics_port",
             "metrics_bind_address",
+            "token_cache_ms",
         },
     )
     e = EmbeddedConfig()
@@ -273,6 +284,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
         metrics_port=_metrics_port(emb_raw),
         metrics_bind_address=_get(
             emb_raw, "embedded", "metrics_bind_address", str, e.metrics_bind_address
+        ),
+        token_cache_ms=_non_negative(
+            "embedded.token_cache_ms",
+            _get(emb_raw, "embedded", "token_cache_ms", int, e.token_cache_ms),
         ),
     )
 

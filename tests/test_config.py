@@ -82,6 +82,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
                 "port": 9009,
                 "x_forwarded": True,
                 "access_log": False,
+                "token_cache_ms": 0,
             },
         }
         config = parse_config(raw)
@@ -103,6 +104,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
                     port=9009,
                     x_forwarded=True,
                     access_log=False,
+                    token_cache_ms=0,
                 ),
             ),
         )
@@ -228,6 +230,7 @@ class ParseConfigErrorsTest(unittest.TestCase):
             ({"max_request_body_size": -5}, "max_request_body_size"),
             ({"uia": {"session_timeout_ms": -1}}, "uia.session_timeout_ms"),
             ({"replacement_window_ms": 0}, "replacement_window_ms"),
+            ({"embedded": {"token_cache_ms": -1}}, "embedded.token_cache_ms"),
         ]
         for raw, key in cases:
             err = self.assert_error(raw, key)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import defaultdict
+from typing import TypeVar
 
 import attr
-from sqlalchemy import Connection, delete, func, select, tuple_, update
+from sqlalchemy import Connection, bindparam, delete, func, select, tuple_, update
 
 from twisted.internet import defer
 
+from synapse_xsign_module.hosts.embedded.token_cache import TokenCache
 from synapse_xsign_module.storage.cross_signing import (
     current_public_keys_txn,
     reset_txn,
@@ -26,6 +28,8 @@ from synapse_xsign_module.storage.schema import (
     host_users,
 )
 from synapse_xsign_module.storage.util import MAX_PARAMS, chunks
+
+T = TypeVar("T")
 
 
 def hash_token(token: str) -> str:
@@ -80,6 +84,21 @@ def _get_user_txn(conn: Connection, user_id: str) -> User | None:
         bool(row.deactivated),
         row.created_ts,
     )
+
+
+_TOKEN_QUERY = (
+    select(host_access_tokens.c.user_id, host_access_tokens.c.device_id)
+    .join(host_users, host_users.c.user_id == host_access_tokens.c.user_id)
+    .where(
+        host_access_tokens.c.token_hash == bindparam("digest"),
+        host_users.c.deactivated.is_(False),
+    )
+)
+
+
+def _get_token_txn(conn: Connection, digest: str) -> TokenInfo | None:
+    row = conn.execute(_TOKEN_QUERY, {"digest": digest}).first()
+    return TokenInfo(row.user_id, row.device_id) if row else None
 
 
 def _delete_device_txn(conn: Connection, user_id: str, device_id: str) -> None:
@@ -161,10 +180,15 @@ class AccountStore:
 
     Args:
         db: the module's database.
+        token_cache: where verified tokens are remembered (None: nowhere). Every
+            method that revokes tokens clears it.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, token_cache: TokenCache[TokenInfo] | None = None
+    ) -> None:
         self._db = db
+        self.token_cache = token_cache
 
     def get_user(self, user_id: str) -> defer.Deferred[User | None]:
         """The account, or None."""
@@ -186,7 +210,7 @@ class AccountStore:
             The account afterwards, and whether it was created.
         """
 
-        return self._db.run(
+        d = self._db.run(
             "upsert_user",
             upsert_user_txn,
             user_id,
@@ -195,6 +219,9 @@ class AccountStore:
             is_admin,
             deactivated,
         )
+        if deactivated:
+            d.addCallback(self._revoked)
+        return d
 
     def list_users(
         self, offset: int, limit: int
@@ -288,23 +315,31 @@ class AccountStore:
             )
             return token, dev
 
-        return self._db.run("login", txn)
+        # Logging in to an existing device revokes its older tokens.
+        return self._db.run("login", txn).addCallback(self._revoked)
 
-    def get_token(self, token: str) -> defer.Deferred[TokenInfo | None]:
+    async def get_token(self, token: str) -> TokenInfo | None:
         """Who a token belongs to; None if unknown, revoked or deactivated."""
+        digest = hash_token(token)
+        cache = self.token_cache
+        generation = 0
+        if cache is not None:
+            cached = cache.get(digest)
+            if cached is not None:
+                return cached
+            generation = cache.generation
+        info: TokenInfo | None = await self._db.run_read(
+            "get_token", _get_token_txn, digest
+        )
+        if cache is not None and info is not None:
+            cache.put(digest, info, generation)
+        return info
 
-        def txn(conn: Connection) -> TokenInfo | None:
-            row = conn.execute(
-                select(host_access_tokens.c.user_id, host_access_tokens.c.device_id)
-                .join(host_users, host_users.c.user_id == host_access_tokens.c.user_id)
-                .where(
-                    host_access_tokens.c.token_hash == hash_token(token),
-                    host_users.c.deactivated.is_(False),
-                )
-            ).first()
-            return TokenInfo(row.user_id, row.device_id) if row else None
-
-        return self._db.run_read("get_token", txn)
+    def _revoked(self, result: T) -> T:
+        """Clear the token cache after a transaction that may revoke tokens."""
+        if self.token_cache is not None:
+            self.token_cache.clear()
+        return result
 
     def logout(self, token: str) -> defer.Deferred[None]:
         """Revoke a token and delete its device with the device's keys."""
@@ -325,7 +360,7 @@ class AccountStore:
                 )
             )
 
-        return self._db.run("logout", txn)
+        return self._db.run("logout", txn).addCallback(self._revoked)
 
     def device_ids(self, user_id: str) -> defer.Deferred[set[str]]:
         """The user's devices."""

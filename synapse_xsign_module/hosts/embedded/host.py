@@ -16,6 +16,7 @@ from synapse_xsign_module.errors import Codes, MatrixError
 from synapse_xsign_module.host import HostDevices, Requester
 from synapse_xsign_module.hosts.embedded.accounts import AccountStore
 from synapse_xsign_module.hosts.embedded.host_auth import get_access_token
+from synapse_xsign_module.hosts.embedded.token_cache import TokenCache
 from synapse_xsign_module.hosts.embedded.uia import UIASessions
 from synapse_xsign_module.http.base import JsonDict, UnrecognizedResource, put_resource
 from synapse_xsign_module.service import XSignService
@@ -42,7 +43,10 @@ class EmbeddedHost:
         self._reactor = reactor
         self.root = UnrecognizedResource()
         self.service = XSignService(config, self, reactor, db=db)
-        self.accounts = AccountStore(self.service.db)
+        self.accounts = AccountStore(
+            self.service.db,
+            TokenCache(self.service.clock, config.embedded.token_cache_ms),
+        )
         self.uia = UIASessions(
             self.service.db,
             self.accounts,

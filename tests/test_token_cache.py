@@ -1,0 +1,139 @@
+"""The embedded host's cache of verified access tokens."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete
+
+from twisted.internet.task import Clock as FakeReactor
+from twisted.trial import unittest
+
+from synapse_xsign_module.clock import Clock
+from synapse_xsign_module.hosts.embedded.accounts import TokenInfo, hash_token
+from synapse_xsign_module.hosts.embedded.token_cache import TokenCache
+from synapse_xsign_module.storage.schema import host_access_tokens
+from tests.utils import HostTestCase
+
+WHOAMI = "/_matrix/client/v3/account/whoami"
+ADMIN_USERS = "/_synapse/client/xsign/admin/v1/users/"
+INFO = TokenInfo("@a:test", "DEV")
+
+
+class TokenCacheUnitTest(unittest.TestCase):
+    """TokenCache on its own, with a clock the test moves."""
+
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.reactor.advance(1_000_000)
+        self.cache: TokenCache[TokenInfo] = TokenCache(Clock(self.reactor), 2000)
+
+    def test_entry_lives_for_the_ttl(self) -> None:
+        """An entry is returned until its time is up, then forgotten."""
+        self.cache.put("d", INFO, self.cache.generation)
+        self.reactor.advance(1.999)
+        self.assertEqual(self.cache.get("d"), INFO)
+        self.reactor.advance(0.001)
+        self.assertIsNone(self.cache.get("d"))
+        self.assertEqual(len(self.cache), 0)
+
+    def test_zero_ttl_keeps_nothing(self) -> None:
+        """token_cache_ms = 0 turns the cache off."""
+        cache: TokenCache[TokenInfo] = TokenCache(Clock(self.reactor), 0)
+        cache.put("d", INFO, cache.generation)
+        self.assertIsNone(cache.get("d"))
+
+    def test_read_from_before_a_clear_is_not_kept(self) -> None:
+        """A read that started before a revocation cannot re-add the token."""
+        generation = self.cache.generation
+        self.cache.put("d", INFO, generation)
+        self.cache.clear()
+        self.assertIsNone(self.cache.get("d"))
+        self.cache.put("d", INFO, generation)  # the slow read comes back
+        self.assertIsNone(self.cache.get("d"))
+        self.cache.put("d", INFO, self.cache.generation)
+        self.assertEqual(self.cache.get("d"), INFO)
+
+    def test_oldest_entry_makes_way(self) -> None:
+        """At most max_entries are kept; the oldest goes first."""
+        cache: TokenCache[TokenInfo] = TokenCache(Clock(self.reactor), 2000, 2)
+        for digest in ("a", "b", "c"):
+            cache.put(digest, INFO, cache.generation)
+        self.assertIsNone(cache.get("a"))
+        self.assertEqual((cache.get("b"), cache.get("c")), (INFO, INFO))
+
+
+class TokenCacheHostTest(HostTestCase):
+    """The cache inside the embedded host: revocations here act at once."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reactor = FakeReactor()
+        self.reactor.advance(1_000_000)
+        self.host.accounts.token_cache = TokenCache(Clock(self.reactor), 2000)
+
+    def delete_token_row(self, token: str) -> None:
+        """Revoke a token behind this process's back (as another process would)."""
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                delete(host_access_tokens).where(
+                    host_access_tokens.c.token_hash == hash_token(token)
+                )
+            )
+
+    async def whoami(self, token: str) -> int:
+        resp = await self.client.get(WHOAMI, token=token)
+        code: int = resp.code
+        return code
+
+    async def test_revoked_elsewhere_works_until_the_entry_expires(self) -> None:
+        """Another process's revocation shows here within token_cache_ms."""
+        alice = await self.user_with_device("alice", "ADEV")
+        self.assertEqual(await self.whoami(alice.token), 200)
+        self.delete_token_row(alice.token)
+        self.assertEqual(await self.whoami(alice.token), 200)
+        self.reactor.advance(2.0)
+        self.assertEqual(await self.whoami(alice.token), 401)
+
+    async def test_logout_is_immediate(self) -> None:
+        """Logging out clears the cache: the token is refused at once."""
+        alice = await self.user_with_device("alice", "ADEV")
+        self.assertEqual(await self.whoami(alice.token), 200)
+        resp = await self.client.post(
+            "/_matrix/client/v3/logout", {}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(await self.whoami(alice.token), 401)
+
+    async def test_login_to_the_same_device_is_immediate(self) -> None:
+        """A new login to a device revokes its old token at once."""
+        alice = await self.user_with_device("alice", "ADEV")
+        self.assertEqual(await self.whoami(alice.token), 200)
+        new_token, _ = await self.login(alice.user_id, "ADEV")
+        self.assertEqual(await self.whoami(alice.token), 401)
+        self.assertEqual(await self.whoami(new_token), 200)
+
+    async def test_deactivation_is_immediate(self) -> None:
+        """Deactivating an account through the admin API refuses its tokens at once."""
+        admin = await self.user_with_device("admin", "ADM", admin=True)
+        bob = await self.user_with_device("bob", "BDEV")
+        self.assertEqual(await self.whoami(bob.token), 200)
+        resp = await self.client.request(
+            "PUT",
+            ADMIN_USERS + "%40bob%3Atest.local",
+            body={"deactivated": True},
+            token=admin.token,
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(await self.whoami(bob.token), 401)
+
+
+class TokenCacheOffTest(HostTestCase):
+    """embedded.token_cache_ms: 0 reads every token from the database."""
+
+    config_overrides = {"embedded": {"token_cache_ms": 0}}
+
+    async def test_revoked_elsewhere_is_refused_at_once(self) -> None:
+        alice = await self.user_with_device("alice", "ADEV")
+        self.assertEqual((await self.client.get(WHOAMI, token=alice.token)).code, 200)
+        with self.db.engine.begin() as conn:
+            conn.execute(delete(host_access_tokens))
+        self.assertEqual((await self.client.get(WHOAMI, token=alice.token)).code, 401)
