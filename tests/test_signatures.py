@@ -457,6 +457,30 @@ class LifecycleTest(SignatureTestBase):
 class LargeRequestTest(SignatureTestBase):
     """A request with many items is answered correctly in few statements."""
 
+    async def test_device_read_returns_only_the_devices_asked_for(self) -> None:
+        """Asking for many of a user's devices reads exactly those (both paths)."""
+        alice = await self.ready_user("alice")
+        from synapse_xsign_module.storage.device_keys import (
+            MANY_DEVICES,
+            get_device_keys_txn,
+            upload_txn,
+        )
+
+        ids = [f"D{i:03d}" for i in range(3 * MANY_DEVICES)]
+        with self.db.engine.begin() as conn:
+            for device_id in ids:
+                keys = make_device_keys(
+                    alice.user_id, device_id, generate_signing_key(device_id)
+                )
+                upload_txn(conn, alice.user_id, device_id, keys, [], [], 0)
+        for wanted in (ids[:3], ids[1 : 2 * MANY_DEVICES : 2] + ["NOSUCH"]):
+            with self.db.engine.begin() as conn:
+                got = get_device_keys_txn(
+                    conn, {alice.user_id: wanted, "@nobody:test.local": ["X"]}
+                )
+            self.assertEqual(set(got), {alice.user_id})
+            self.assertEqual(set(got[alice.user_id]), set(wanted) - {"NOSUCH"})
+
     async def test_thousand_devices(self) -> None:
         """The SSK signs 1000 devices in one request; every signature is served."""
         alice = await self.ready_user("alice")

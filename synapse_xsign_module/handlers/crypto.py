@@ -1,13 +1,25 @@
-"""ed25519 keys and signatures over JSON, through signedjson."""
+"""ed25519 keys and signatures over canonical JSON.
+
+A signature covers the canonical JSON of an object without its ``signatures``
+and ``unsigned`` (the spec's "Signing JSON"). :func:`signed_bytes` makes those
+bytes once per object, so that the same bytes serve both to compare an uploaded
+object with the stored one and to verify every signature on it; the check itself
+is one libsodium call (PyNaCl, the library signedjson uses), which runs without
+the GIL.
+"""
 
 from __future__ import annotations
 
 import binascii
+import functools
+import json
 from typing import Any
 
-from signedjson.key import decode_verify_key_bytes
-from signedjson.sign import SignatureVerifyException, verify_signed_json
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 from unpaddedbase64 import decode_base64, encode_base64
+
+from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
 
 ED25519 = "ed25519"
 
@@ -21,14 +33,60 @@ def is_ed25519_public_key(value: str) -> bool:
     return len(raw) == 32 and encode_base64(raw) == value
 
 
-def verify_key_for(key_id: str, public_key: str) -> Any:
-    """A signedjson verify key named ``key_id`` (``ed25519:<version>``).
+def signed_bytes(obj: dict[str, Any]) -> bytes:
+    """The bytes a signature over ``obj`` covers (UTF-8 canonical JSON)."""
+    return canonical_json(strip_signatures(obj)).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=8192)
+def stored_signed_bytes(stored_json: str) -> bytes:
+    """:func:`signed_bytes` of a stored key, remembered by its JSON text."""
+    obj: dict[str, Any] = json.loads(stored_json)
+    return signed_bytes(obj)
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_key(public_key: str) -> VerifyKey | None:
+    """A verify key from unpadded base64 (remembered); None if not a key."""
+    try:
+        raw = decode_base64(public_key)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 32:
+        return None
+    return VerifyKey(raw)
+
+
+def verify_signature(message: bytes, signature: str, public_key: str) -> bool:
+    """Whether ``signature`` (unpadded base64) by ``public_key`` covers ``message``.
 
     Args:
-        key_id: the key id under which signatures are filed.
-        public_key: unpadded base64 ed25519 public key.
+        message: the signed bytes, from :func:`signed_bytes`.
+        signature: the ed25519 signature in unpadded base64.
+        public_key: the ed25519 public key in unpadded base64.
     """
-    return decode_verify_key_bytes(key_id, decode_base64(public_key))
+    key = _verify_key(public_key)
+    if key is None:
+        return False
+    try:
+        raw = decode_base64(signature)
+    except (binascii.Error, ValueError):
+        return False
+    if len(raw) != 64:
+        return False
+    try:
+        key.verify(message, raw)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def signature_of(obj: dict[str, Any], user_id: str, key_id: str) -> str | None:
+    """The signature ``obj`` carries by ``user_id``'s key ``key_id``, if any."""
+    sigs = obj.get("signatures")
+    mine = sigs.get(user_id) if isinstance(sigs, dict) else None
+    sig = mine.get(key_id) if isinstance(mine, dict) else None
+    return sig if isinstance(sig, str) else None
 
 
 def has_valid_signature(
@@ -43,15 +101,7 @@ def has_valid_signature(
         key_id: ``ed25519:<...>``, the signature's key id.
         public_key: the public key to verify with.
     """
-    sigs = obj.get("signatures")
-    if not isinstance(sigs, dict):
+    sig = signature_of(obj, user_id, key_id)
+    if sig is None:
         return False
-    mine = sigs.get(user_id)
-    if not isinstance(mine, dict) or not isinstance(mine.get(key_id), str):
-        return False
-    try:
-        # signedjson checks exactly the signature filed under the key's id.
-        verify_signed_json(obj, user_id, verify_key_for(key_id, public_key))
-    except (SignatureVerifyException, binascii.Error, ValueError, TypeError):
-        return False
-    return True
+    return verify_signature(signed_bytes(obj), sig, public_key)

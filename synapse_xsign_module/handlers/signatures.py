@@ -27,11 +27,14 @@ from twisted.python.threadpool import ThreadPool
 
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.errors import Codes, bad_json
-from synapse_xsign_module.handlers.crypto import has_valid_signature
+from synapse_xsign_module.handlers.crypto import (
+    signed_bytes,
+    stored_signed_bytes,
+    verify_signature,
+)
 from synapse_xsign_module.handlers.validation import require_signatures, server_of
 from synapse_xsign_module.host import Host, Requester
 from synapse_xsign_module.http.base import JsonDict
-from synapse_xsign_module.jsonutil import strip_signatures
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
     SELF_SIGNING,
@@ -61,12 +64,17 @@ class ItemFailure(Exception):
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
 class _Check:
-    """A signature to verify, and what to store when it holds."""
+    """A signature to verify, and what to store when it holds.
+
+    Attributes:
+        item: (target user, key id) of the upload item.
+        message: the bytes the signature covers.
+        public_key: the signing key (unpadded base64).
+        pending: the row to store; its ``signature`` is the one to verify.
+    """
 
     item: tuple[str, str]
-    obj: dict[str, Any]
-    signer_user: str
-    key_id: str
+    message: bytes
     public_key: str
     pending: PendingSignature
 
@@ -92,13 +100,16 @@ def _device_ed25519(device_json: str, device_id: str) -> str | None:
     return None
 
 
-def _same_content(obj: dict[str, Any], stored_json: str, what: str) -> None:
-    if strip_signatures(obj) != strip_signatures(json.loads(stored_json)):
+def _same_content(obj: dict[str, Any], stored_json: str, what: str) -> bytes:
+    """The signed bytes of ``obj``, which must be those of the stored key."""
+    message = signed_bytes(obj)
+    if message != stored_signed_bytes(stored_json):
         raise ItemFailure(
             Codes.INVALID_PARAM,
             f"The signed object does not match the stored {what} (apart from "
             "'signatures' and 'unsigned')",
         )
+    return message
 
 
 class SignatureHandler:
@@ -237,7 +248,7 @@ class SignatureHandler:
                 raise ItemFailure(
                     Codes.NOT_FOUND, f"No self-signing key found for {me}"
                 )
-            _same_content(obj, my_devices[key_id], f"keys of device {key_id}")
+            message = _same_content(obj, my_devices[key_id], f"keys of device {key_id}")
             signer_key_id = f"ed25519:{ssk.public_key}"
             if not isinstance(
                 obj.get("signatures", {}).get(me, {}).get(signer_key_id), str
@@ -249,9 +260,7 @@ class SignatureHandler:
             return [
                 _Check(
                     (me, key_id),
-                    obj,
-                    me,
-                    signer_key_id,
+                    message,
                     ssk.public_key,
                     PendingSignature(
                         me,
@@ -283,7 +292,7 @@ class SignatureHandler:
         master_json: str,
         my_devices: dict[str, str],
     ) -> list[_Check]:
-        _same_content(obj, master_json, "master key")
+        message = _same_content(obj, master_json, "master key")
         sigs = obj.get("signatures", {}).get(me, {})
         stored_sigs = json.loads(master_json).get("signatures", {}).get(me, {})
         checks = []
@@ -301,9 +310,7 @@ class SignatureHandler:
             checks.append(
                 _Check(
                     (me, key_id),
-                    obj,
-                    me,
-                    sig_key_id,
+                    message,
                     pub,
                     PendingSignature(
                         me,
@@ -351,7 +358,7 @@ class SignatureHandler:
                 f"Unknown key {key_id}: only the current master key of "
                 f"{target_user} can be signed",
             )
-        _same_content(obj, master.key_json, f"master key of {target_user}")
+        message = _same_content(obj, master.key_json, f"master key of {target_user}")
         signer_key_id = f"ed25519:{usk.public_key}"
         sig = obj.get("signatures", {}).get(me, {}).get(signer_key_id)
         if not isinstance(sig, str):
@@ -362,9 +369,7 @@ class SignatureHandler:
         return [
             _Check(
                 (target_user, key_id),
-                obj,
-                me,
-                signer_key_id,
+                message,
                 usk.public_key,
                 PendingSignature(
                     me,
@@ -419,5 +424,5 @@ def _invalid_items(checks: list[_Check]) -> set[tuple[str, str]]:
     return {
         c.item
         for c in checks
-        if not has_valid_signature(c.obj, c.signer_user, c.key_id, c.public_key)
+        if not verify_signature(c.message, c.pending.signature, c.public_key)
     }

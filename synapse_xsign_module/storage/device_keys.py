@@ -12,7 +12,17 @@ from collections import defaultdict
 from typing import Any
 
 import attr
-from sqlalchemy import Connection, and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
 from twisted.internet import defer
 
@@ -305,6 +315,20 @@ def count_one_time_keys_txn(
     return {alg: int(n) for alg, n in rows}
 
 
+#: A user asking for more devices than this reads all of the user's devices
+#: by the primary key prefix (one parameter) and keeps the ones asked for,
+#: instead of binding two parameters per device.
+MANY_DEVICES = 32
+
+_DK = device_keys.c
+_KEYS_OF_USERS = select(_DK.user_id, _DK.device_id, _DK.key_json).where(
+    _DK.user_id.in_(bindparam("users", expanding=True))
+)
+_KEYS_OF_USER = select(_DK.device_id, _DK.key_json).where(
+    _DK.user_id == bindparam("user")
+)
+
+
 def get_device_keys_txn(
     conn: Connection, query: dict[str, list[str]]
 ) -> dict[str, dict[str, str]]:
@@ -320,25 +344,27 @@ def get_device_keys_txn(
     result: dict[str, dict[str, str]] = defaultdict(dict)
     all_users = sorted(u for u, devs in query.items() if not devs)
     for part in chunks(all_users, MAX_PARAMS):
-        rows = conn.execute(
-            select(
-                device_keys.c.user_id, device_keys.c.device_id, device_keys.c.key_json
-            ).where(device_keys.c.user_id.in_(list(part)))
-        )
-        for u, d, kj in rows:
+        for u, d, kj in conn.execute(_KEYS_OF_USERS, {"users": list(part)}):
             result[u][d] = kj
-    pairs = sorted({(u, d) for u, devs in query.items() for d in devs})
-    for part2 in chunks(pairs, MAX_PARAMS // 2):
+    pairs: set[tuple[str, str]] = set()
+    for user_id, devs in query.items():
+        if len(devs) > MANY_DEVICES:
+            wanted = set(devs)
+            found = result[user_id]
+            for d, kj in conn.execute(_KEYS_OF_USER, {"user": user_id}):
+                if d in wanted:
+                    found[d] = kj
+        else:
+            pairs.update((user_id, d) for d in devs)
+    for part2 in chunks(sorted(pairs), MAX_PARAMS // 2):
         rows = conn.execute(
-            select(
-                device_keys.c.user_id, device_keys.c.device_id, device_keys.c.key_json
-            ).where(
-                tuple_(device_keys.c.user_id, device_keys.c.device_id).in_(list(part2))
+            select(_DK.user_id, _DK.device_id, _DK.key_json).where(
+                tuple_(_DK.user_id, _DK.device_id).in_(list(part2))
             )
         )
         for u, d, kj in rows:
             result[u][d] = kj
-    return dict(result)
+    return {u: devs for u, devs in result.items() if devs}
 
 
 def claim_txn(conn: Connection, claims: list[tuple[str, str, str]]) -> ClaimResult:
