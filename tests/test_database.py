@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.python import threadable
 from twisted.trial import unittest
 
@@ -285,6 +285,28 @@ class RetryTest(DatabaseTestCase):
         )
         self.assertEqual(await self.all_users(), ["@k:x"])
         self.assertTrue(first.isdisjoint({await self.db.run("pid", pid)}))
+
+
+class SqliteLockedBeginTest(DatabaseTestCase):
+    """A write whose BEGIN IMMEDIATE finds the database locked is retried."""
+
+    async def test_locked_begin_is_retried(self) -> None:
+        if self.is_postgres:
+            raise unittest.SkipTest("SQLite only")
+        # Another process's writer holds the lock; our busy timeout is short.
+        self.db.close()
+        self.db = Database(
+            DatabaseConfig(url=self.url, sqlite_busy_timeout_ms=20, max_attempts=8),
+            reactor,
+        )
+        self.addCleanup(self.db.close)
+        other = sqlite3.connect(self.url[len("sqlite:///") :], isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        reactor.callLater(0.15, other.execute, "COMMIT")
+        await self.db.run("w", lambda conn: add_user(conn, "@late:x"))
+        self.assertGreater(self.db.retries, 0)
+        self.assertEqual(await self.all_users(), ["@late:x"])
 
 
 class ConnectionReuseTest(DatabaseTestCase):

@@ -142,6 +142,29 @@ def _drop_invalidated_signatures(
         )
 
 
+# Statements of the upload path, built once (SQLAlchemy caches their SQL).
+_DEVICE_KEY_JSON = select(device_keys.c.key_json).where(
+    device_keys.c.user_id == bindparam("user"),
+    device_keys.c.device_id == bindparam("device"),
+)
+_OTKS_BY_KEY_ID = select(
+    one_time_keys.c.algorithm, one_time_keys.c.key_id, one_time_keys.c.key_json
+).where(
+    one_time_keys.c.user_id == bindparam("user"),
+    one_time_keys.c.device_id == bindparam("device"),
+    one_time_keys.c.key_id.in_(bindparam("key_ids", expanding=True)),
+)
+_OTK_INSERT = one_time_keys.insert()
+_OTK_COUNTS = (
+    select(one_time_keys.c.algorithm, func.count())
+    .where(
+        one_time_keys.c.user_id == bindparam("user"),
+        one_time_keys.c.device_id == bindparam("device"),
+    )
+    .group_by(one_time_keys.c.algorithm)
+)
+
+
 def upload_txn(
     conn: Connection,
     user_id: str,
@@ -165,9 +188,7 @@ def upload_txn(
     if new_device_keys is not None:
         new_json = canonical_json(new_device_keys)
         old_json = conn.execute(
-            select(device_keys.c.key_json).where(
-                device_keys.c.user_id == user_id, device_keys.c.device_id == device_id
-            )
+            _DEVICE_KEY_JSON, {"user": user_id, "device": device_id}
         ).scalar()
         if old_json != new_json:
             changed = True
@@ -191,20 +212,11 @@ def upload_txn(
 
     if otks:
         existing: dict[tuple[str, str], str] = {}
-        pairs = sorted({(k.algorithm, k.key_id) for k in otks})
-        for part in chunks(pairs, MAX_PARAMS // 2):
+        key_ids = sorted({k.key_id for k in otks})
+        for part in chunks(key_ids, MAX_PARAMS):
             rows = conn.execute(
-                select(
-                    one_time_keys.c.algorithm,
-                    one_time_keys.c.key_id,
-                    one_time_keys.c.key_json,
-                ).where(
-                    one_time_keys.c.user_id == user_id,
-                    one_time_keys.c.device_id == device_id,
-                    tuple_(one_time_keys.c.algorithm, one_time_keys.c.key_id).in_(
-                        list(part)
-                    ),
-                )
+                _OTKS_BY_KEY_ID,
+                {"user": user_id, "device": device_id, "key_ids": list(part)},
             )
             for alg, kid, kjson in rows:
                 existing[(alg, kid)] = kjson
@@ -234,7 +246,7 @@ def upload_txn(
                 }
             )
         if to_insert:
-            conn.execute(one_time_keys.insert(), to_insert)
+            conn.execute(_OTK_INSERT, to_insert)
 
     for fb in fallbacks:
         old_fb = conn.execute(
@@ -304,14 +316,7 @@ def count_one_time_keys_txn(
     conn: Connection, user_id: str, device_id: str
 ) -> dict[str, int]:
     """Unclaimed one-time keys of a device, per algorithm."""
-    rows = conn.execute(
-        select(one_time_keys.c.algorithm, func.count())
-        .where(
-            one_time_keys.c.user_id == user_id,
-            one_time_keys.c.device_id == device_id,
-        )
-        .group_by(one_time_keys.c.algorithm)
-    )
+    rows = conn.execute(_OTK_COUNTS, {"user": user_id, "device": device_id})
     return {alg: int(n) for alg, n in rows}
 
 

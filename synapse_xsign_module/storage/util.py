@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -38,15 +39,30 @@ def upsert(
     """
     if not rows:
         return
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # One statement object per shape (SQLAlchemy caches its compiled form),
+    # executed for many rows: SQLAlchemy batches them (insertmanyvalues /
+    # executemany) instead of compiling a new VALUES list.
+    conn.execute(
+        _upsert_statement(
+            conn.dialect.name, table, tuple(key_columns), tuple(update_columns)
+        ),
+        rows,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_statement(
+    dialect_name: str,
+    table: Table,
+    key_columns: tuple[str, ...],
+    update_columns: tuple[str, ...],
+) -> Any:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
     stmt = dialect.insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=key_columns,
+    return stmt.on_conflict_do_update(
+        index_elements=list(key_columns),
         set_={c: stmt.excluded[c] for c in update_columns},
     )
-    # One cached statement, executed for many rows: SQLAlchemy batches them
-    # (insertmanyvalues / executemany) instead of compiling a new VALUES list.
-    conn.execute(stmt, rows)
 
 
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
