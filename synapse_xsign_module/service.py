@@ -58,7 +58,7 @@ class XSignService:
             host, self.device_key_store, self.query_store, self.clock
         )
         self.cross_signing = CrossSigningHandler(
-            host, self.cross_signing_store, self.device_key_store, self.clock
+            host, self.cross_signing_store, self.clock
         )
         self.signatures = SignatureHandler(host, self.signature_store, self.clock)
         self.schema_version: str | None = None

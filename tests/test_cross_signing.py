@@ -19,6 +19,7 @@ from tests.utils import (
     HostTestCase,
     TestUser,
     cross_signing_key,
+    make_device_keys,
     new_signing_key,
     public_key,
 )
@@ -213,6 +214,21 @@ class ValidationTest(CrossSigningTestBase):
         pub = public_key(master)
         # A second device whose id is that public key.
         await self.login(alice.user_id, device_id=pub)
+        body = {"master_key": cross_signing_key(alice.user_id, "master", master)}
+        resp = await self.assert_rejected(alice, body, 403, "M_FORBIDDEN")
+        self.assertIn("Key ID in use", resp.json["error"])
+
+    async def test_key_id_of_device_with_keys_only_here(self) -> None:
+        """A device known only by its stored keys (not by the host) counts too."""
+        alice = await self.user_with_device("alice")
+        master = new_signing_key()
+        pub = public_key(master)
+        from synapse_xsign_module.storage.device_keys import upload_txn
+
+        keys = make_device_keys(alice.user_id, pub, new_signing_key())
+        with self.db.engine.begin() as conn:
+            upload_txn(conn, alice.user_id, pub, keys, [], [], 0)
+        self.assertNotIn(pub, await self.host.get_device_ids(alice.user_id) or set())
         body = {"master_key": cross_signing_key(alice.user_id, "master", master)}
         resp = await self.assert_rejected(alice, body, 403, "M_FORBIDDEN")
         self.assertIn("Key ID in use", resp.json["error"])

@@ -48,10 +48,10 @@ from synapse_xsign_module.storage.cross_signing import (
     USER_SIGNING,
     CrossSigningStore,
     IdentityChanged,
+    KeyIdInUse,
     NewKey,
     StoredKey,
 )
-from synapse_xsign_module.storage.device_keys import DeviceKeyStore
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,16 @@ def check_key_rules(key: dict[str, Any], key_type: str, user_id: str) -> str:
     return str(value)
 
 
+def _key_id_in_use() -> MatrixError:
+    return forbidden("Key ID in use: a public key equals one of your device IDs")
+
+
 class CrossSigningHandler:
     """Uploads of master, self-signing and user-signing keys.
 
     Args:
         host: the homeserver host (UIA, device ids, notifications).
         store: cross-signing key storage.
-        device_store: device key storage (for device-id collisions).
         clock: the clock.
     """
 
@@ -119,12 +122,10 @@ class CrossSigningHandler:
         self,
         host: Host,
         store: CrossSigningStore,
-        device_store: DeviceKeyStore,
         clock: Clock,
     ) -> None:
         self._host = host
         self._store = store
-        self._device_store = device_store
         self._clock = clock
 
     async def upload(
@@ -183,6 +184,8 @@ class CrossSigningHandler:
             }
             try:
                 await self._store.replace_keys(user_id, expected, new_keys, now)
+            except KeyIdInUse:
+                raise _key_id_in_use() from None
             except IdentityChanged:
                 logger.info(
                     "Cross-signing keys of %s changed meanwhile; retrying", user_id
@@ -249,13 +252,15 @@ class CrossSigningHandler:
     async def _check_key_ids_free(
         self, requester: Requester, new_keys: dict[str, NewKey]
     ) -> None:
-        """403 when a new public key equals one of the user's device ids."""
+        """403 when a new public key equals one of the user's device ids.
+
+        The host's devices are checked here, before any UIA; devices with keys
+        stored here are checked again inside the write (see
+        :func:`replace_keys_txn`), where no upload can slip in between.
+        """
         pubs = {k.public_key for k in new_keys.values()}
-        devices = set(await self._device_store.device_ids_with_keys(requester.user_id))
-        host_devices = await self._host.get_device_ids(requester.user_id)
-        if host_devices:
-            devices |= host_devices
+        devices = set(await self._host.get_device_ids(requester.user_id) or ())
         if requester.device_id:
             devices.add(requester.device_id)
         if pubs & devices:
-            raise forbidden("Key ID in use: a public key equals one of your device IDs")
+            raise _key_id_in_use()

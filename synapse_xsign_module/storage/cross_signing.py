@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 import attr
-from sqlalchemy import Connection, and_, delete, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 
 from twisted.internet import defer
 
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import (
     cross_signing_keys,
+    device_keys,
     replacement_grants,
     signatures,
 )
@@ -64,6 +65,23 @@ class IdentityChanged(Exception):
     """The user's stored keys changed since the caller read them."""
 
 
+class KeyIdInUse(Exception):
+    """A new cross-signing public key equals one of the user's device ids."""
+
+
+_CK = cross_signing_keys.c
+_CURRENT_OF_USERS = select(
+    _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
+).where(_CK.user_id.in_(bindparam("users", expanding=True)), _CK.replaced_ts.is_(None))
+_GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
+    replacement_grants.c.user_id == bindparam("user")
+)
+_DEVICES_NAMED = select(device_keys.c.device_id).where(
+    device_keys.c.user_id == bindparam("user"),
+    device_keys.c.device_id.in_(bindparam("ids", expanding=True)),
+)
+
+
 #: user id -> key type -> current key
 CurrentKeys = dict[str, dict[str, StoredKey]]
 
@@ -71,13 +89,8 @@ CurrentKeys = dict[str, dict[str, StoredKey]]
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
     result: CurrentKeys = defaultdict(dict)
-    c = cross_signing_keys.c
     for part in chunks(sorted(set(user_ids)), MAX_PARAMS):
-        rows = conn.execute(
-            select(
-                c.user_id, c.key_type, c.public_key, c.key_json, c.uploaded_ts
-            ).where(c.user_id.in_(list(part)), c.replaced_ts.is_(None))
-        )
+        rows = conn.execute(_CURRENT_OF_USERS, {"users": list(part)})
         for u, kt, pub, kj, ts in rows:
             result[u][kt] = StoredKey(kt, pub, kj, ts)
     return dict(result)
@@ -128,6 +141,8 @@ def replace_keys_txn(
     Raises:
         IdentityChanged: another upload changed the keys meanwhile; nothing
             was stored.
+        KeyIdInUse: a new public key is the id of one of the user's devices
+            with keys; nothing was stored.
     """
     lock_users(conn, [user_id])
     current = get_current_txn(conn, [user_id]).get(user_id, {})
@@ -135,6 +150,9 @@ def replace_keys_txn(
         have = current.get(kt)
         if (have.key_json if have else None) != expected.get(kt):
             raise IdentityChanged(user_id)
+    pubs = sorted({k.public_key for k in new_keys.values()})
+    if pubs and conn.execute(_DEVICES_NAMED, {"user": user_id, "ids": pubs}).first():
+        raise KeyIdInUse(user_id)
 
     old_master = current.get(MASTER)
     new_master = new_keys.get(MASTER)
@@ -190,11 +208,8 @@ def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
 
 def get_grant_txn(conn: Connection, user_id: str) -> int | None:
     """Expiry (ms) of the user's UIA-free replacement window, if any."""
-    return conn.execute(
-        select(replacement_grants.c.expires_ts).where(
-            replacement_grants.c.user_id == user_id
-        )
-    ).scalar()
+    expires: int | None = conn.execute(_GRANT_EXPIRY, {"user": user_id}).scalar()
+    return expires
 
 
 def set_grant_txn(

@@ -547,9 +547,3 @@ class DeviceKeyStore:
     def claim(self, claims: list[tuple[str, str, str]]) -> defer.Deferred[ClaimResult]:
         """See :func:`claim_txn`."""
         return self._db.run("claim_keys", claim_txn, claims)
-
-    def device_ids_with_keys(self, user_id: str) -> defer.Deferred[set[str]]:
-        """See :func:`device_ids_with_keys_txn`."""
-        return self._db.run_read(
-            "device_ids_with_keys", device_ids_with_keys_txn, user_id
-        )
