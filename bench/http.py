@@ -1,10 +1,15 @@
-"""A JSON-over-HTTP client: treq on the real reactor, one persistent pool."""
+"""A JSON-over-HTTP client on the real reactor, with persistent connections.
+
+Plain ``http://`` targets go through the lean client in :mod:`bench.wire`;
+``https://`` ones through treq.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import attr
 
@@ -14,6 +19,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+
+from bench.wire import WirePool
 
 JsonDict = dict[str, Any]
 
@@ -61,6 +68,11 @@ class JsonClient:
         self.pool.retryAutomatically = False
         # Agent implements IAgent (zope), which mypy does not see.
         self._http = HTTPClient(Agent(r, pool=self.pool))  # type: ignore[arg-type]
+        url = urlsplit(self.base_url)
+        self._prefix = url.path.rstrip("/")
+        self._wire: WirePool | None = None
+        if url.scheme == "http" and url.hostname:
+            self._wire = WirePool(url.hostname, url.port or 80, REQUEST_TIMEOUT)
 
     async def request(
         self,
@@ -79,12 +91,14 @@ class JsonClient:
             token: access token for ``Authorization: Bearer``.
             raw: pre-encoded JSON body (wins over ``body``).
         """
+        data = raw if raw is not None else (encode(body) if body is not None else None)
+        if self._wire is not None:
+            return await self._request_wire(method, path, data, token)
         headers = Headers()
         if token is not None:
             headers.setRawHeaders(
                 b"Authorization", [b"Bearer " + token.encode("ascii")]
             )
-        data = raw if raw is not None else (encode(body) if body is not None else None)
         if data is not None:
             headers.setRawHeaders(b"Content-Type", [b"application/json"])
         start = time.perf_counter()
@@ -102,6 +116,25 @@ class JsonClient:
         except ValueError:
             parsed = None
         return Answer(resp.code, parsed, latency)
+
+    async def _request_wire(
+        self, method: str, path: str, data: bytes | None, token: str | None
+    ) -> Answer:
+        assert self._wire is not None
+        headers: list[tuple[bytes, bytes]] = []
+        if token is not None:
+            headers.append((b"Authorization", b"Bearer " + token.encode("ascii")))
+        if data is not None:
+            headers.append((b"Content-Type", b"application/json"))
+        request = self._wire.encode(method, self._prefix + path, headers, data or b"")
+        start = time.perf_counter()
+        code, content = await self._wire.request(request)
+        latency = time.perf_counter() - start
+        try:
+            parsed: Any = json.loads(content) if content else None
+        except ValueError:
+            parsed = None
+        return Answer(code, parsed, latency)
 
     async def post(
         self, path: str, body: Any = None, token: str | None = None
@@ -138,6 +171,8 @@ class JsonClient:
 
     async def close(self) -> None:
         """Close the pooled connections."""
+        if self._wire is not None:
+            self._wire.close()
         await self.pool.closeCachedConnections()
 
 
