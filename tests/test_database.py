@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.storage.database import Database, is_retryable
 from synapse_xsign_module.storage.schema import host_users
+from synapse_xsign_module.storage.util import any_of
 from tests.utils import capture_logs, prepare_database, remove_sqlite, test_db_url
 
 BUSY_TIMEOUT_MS = 1234
@@ -307,6 +308,28 @@ class SqliteLockedBeginTest(DatabaseTestCase):
         await self.db.run("w", lambda conn: add_user(conn, "@late:x"))
         self.assertGreater(self.db.retries, 0)
         self.assertEqual(await self.all_users(), ["@late:x"])
+
+
+class AnyOfTest(DatabaseTestCase):
+    """storage.util.any_of: a whole list bound as one parameter."""
+
+    async def test_matches_exactly_the_listed_values(self) -> None:
+        stmt = select(host_users.c.user_id).where(any_of(host_users.c.user_id, "ids"))
+        names = [f"@u{i}:x" for i in range(2000)] + ['@it\'s "quoted" \u00e9:x']
+
+        def txn(conn: Connection) -> list[list[str]]:
+            conn.execute(
+                host_users.insert(), [{"user_id": n, "created_ts": 1} for n in names]
+            )
+            found = []
+            for ids in ([], ["@nobody:x"], names[1:3] + ["@nobody:x"], names):
+                found.append(sorted(conn.execute(stmt, {"ids": ids}).scalars()))
+            return found
+
+        empty, none, two, everyone = await self.db.run("any_of", txn)
+        self.assertEqual((empty, none), ([], []))
+        self.assertEqual(two, sorted(names[1:3]))
+        self.assertEqual(everyone, sorted(names))
 
 
 class ConnectionReuseTest(DatabaseTestCase):

@@ -23,7 +23,7 @@ from synapse_xsign_module.storage.schema import (
     replacement_grants,
     signatures,
 )
-from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users
+from synapse_xsign_module.storage.util import any_of, lock_users
 
 MASTER = "master"
 SELF_SIGNING = "self_signing"
@@ -72,13 +72,13 @@ class KeyIdInUse(Exception):
 _CK = cross_signing_keys.c
 _CURRENT_OF_USERS = select(
     _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
-).where(_CK.user_id.in_(bindparam("users", expanding=True)), _CK.replaced_ts.is_(None))
+).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
 _GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
     replacement_grants.c.user_id == bindparam("user")
 )
 _DEVICES_NAMED = select(device_keys.c.device_id).where(
     device_keys.c.user_id == bindparam("user"),
-    device_keys.c.device_id.in_(bindparam("ids", expanding=True)),
+    any_of(device_keys.c.device_id, "ids"),
 )
 
 
@@ -89,10 +89,9 @@ CurrentKeys = dict[str, dict[str, StoredKey]]
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
     result: CurrentKeys = defaultdict(dict)
-    for part in chunks(sorted(set(user_ids)), MAX_PARAMS):
-        rows = conn.execute(_CURRENT_OF_USERS, {"users": list(part)})
-        for u, kt, pub, kj, ts in rows:
-            result[u][kt] = StoredKey(kt, pub, kj, ts)
+    rows = conn.execute(_CURRENT_OF_USERS, {"users": sorted(set(user_ids))})
+    for u, kt, pub, kj, ts in rows:
+        result[u][kt] = StoredKey(kt, pub, kj, ts)
     return dict(result)
 
 

@@ -35,7 +35,13 @@ from synapse_xsign_module.storage.schema import (
     one_time_keys,
     signatures,
 )
-from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users, upsert
+from synapse_xsign_module.storage.util import (
+    MAX_PARAMS,
+    any_of,
+    chunks,
+    lock_users,
+    upsert,
+)
 
 #: Unclaimed one-time keys kept per device and algorithm. Clients keep a
 #: bounded number of private one-time keys and forget the oldest; a client that
@@ -152,7 +158,7 @@ _OTKS_BY_KEY_ID = select(
 ).where(
     one_time_keys.c.user_id == bindparam("user"),
     one_time_keys.c.device_id == bindparam("device"),
-    one_time_keys.c.key_id.in_(bindparam("key_ids", expanding=True)),
+    any_of(one_time_keys.c.key_id, "key_ids"),
 )
 _OTK_INSERT = one_time_keys.insert()
 _OTK_COUNTS = (
@@ -212,14 +218,16 @@ def upload_txn(
 
     if otks:
         existing: dict[tuple[str, str], str] = {}
-        key_ids = sorted({k.key_id for k in otks})
-        for part in chunks(key_ids, MAX_PARAMS):
-            rows = conn.execute(
-                _OTKS_BY_KEY_ID,
-                {"user": user_id, "device": device_id, "key_ids": list(part)},
-            )
-            for alg, kid, kjson in rows:
-                existing[(alg, kid)] = kjson
+        rows = conn.execute(
+            _OTKS_BY_KEY_ID,
+            {
+                "user": user_id,
+                "device": device_id,
+                "key_ids": sorted({k.key_id for k in otks}),
+            },
+        )
+        for alg, kid, kjson in rows:
+            existing[(alg, kid)] = kjson
         to_insert = []
         seen: dict[tuple[str, str], str] = {}
         for k in otks:
@@ -327,7 +335,7 @@ MANY_DEVICES = 32
 
 _DK = device_keys.c
 _KEYS_OF_USERS = select(_DK.user_id, _DK.device_id, _DK.key_json).where(
-    _DK.user_id.in_(bindparam("users", expanding=True))
+    any_of(_DK.user_id, "users")
 )
 _KEYS_OF_USER = select(_DK.device_id, _DK.key_json).where(
     _DK.user_id == bindparam("user")
@@ -348,8 +356,8 @@ def get_device_keys_txn(
     """
     result: dict[str, dict[str, str]] = defaultdict(dict)
     all_users = sorted(u for u, devs in query.items() if not devs)
-    for part in chunks(all_users, MAX_PARAMS):
-        for u, d, kj in conn.execute(_KEYS_OF_USERS, {"users": list(part)}):
+    if all_users:
+        for u, d, kj in conn.execute(_KEYS_OF_USERS, {"users": all_users}):
             result[u][d] = kj
     pairs: set[tuple[str, str]] = set()
     for user_id, devs in query.items():

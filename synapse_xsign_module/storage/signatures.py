@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import attr
-from sqlalchemy import Connection, or_, select
+from sqlalchemy import Connection, bindparam, or_, select
 
 from twisted.internet import defer
 
@@ -17,7 +17,11 @@ from synapse_xsign_module.storage.cross_signing import CurrentKeys, get_current_
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.device_keys import get_device_keys_txn
 from synapse_xsign_module.storage.schema import signatures
-from synapse_xsign_module.storage.util import MAX_PARAMS, chunks, lock_users, upsert
+from synapse_xsign_module.storage.util import (
+    any_of,
+    lock_users,
+    upsert,
+)
 
 #: (target user, target key id) -> list of (signer user, signer key id, signature)
 VisibleSignatures = dict[tuple[str, str], list[tuple[str, str, str]]]
@@ -144,26 +148,41 @@ def get_visible_txn(
         The visible signatures, grouped by target.
     """
     result: VisibleSignatures = defaultdict(list)
-    s = signatures.c
-    visible = s.signer_user_id == s.target_user_id
-    if requester_id is not None:
-        visible = or_(visible, s.signer_user_id == requester_id)
     wanted = set(targets)
-    # Select by user (a plain IN, cheap to compile) and keep the wanted keys.
-    for part in chunks(sorted({u for u, _ in wanted}), MAX_PARAMS):
+    # Select by user and keep the wanted keys.
+    users = sorted({u for u, _ in wanted})
+    if requester_id is None:
+        rows = conn.execute(_OWN_SIGNATURES, {"users": users})
+    else:
         rows = conn.execute(
-            select(
-                s.target_user_id,
-                s.target_key_id,
-                s.signer_user_id,
-                s.signer_key_id,
-                s.signature,
-            ).where(s.target_user_id.in_(list(part)), visible)
+            _VISIBLE_SIGNATURES, {"users": users, "requester": requester_id}
         )
-        for tu, tk, su, sk, sig in rows:
-            if (tu, tk) in wanted:
-                result[(tu, tk)].append((su, sk, sig))
+    for tu, tk, su, sk, sig in rows:
+        if (tu, tk) in wanted:
+            result[(tu, tk)].append((su, sk, sig))
     return dict(result)
+
+
+_S = signatures.c
+_SIGNATURE_COLUMNS = (
+    _S.target_user_id,
+    _S.target_key_id,
+    _S.signer_user_id,
+    _S.signer_key_id,
+    _S.signature,
+)
+# Signatures a user made over their own keys: seen by everyone.
+_OWN_SIGNATURES = select(*_SIGNATURE_COLUMNS).where(
+    any_of(_S.target_user_id, "users"), _S.signer_user_id == _S.target_user_id
+)
+# ... and those the requester made (with the user-signing key).
+_VISIBLE_SIGNATURES = select(*_SIGNATURE_COLUMNS).where(
+    any_of(_S.target_user_id, "users"),
+    or_(
+        _S.signer_user_id == _S.target_user_id,
+        _S.signer_user_id == bindparam("requester"),
+    ),
+)
 
 
 def load_context_txn(

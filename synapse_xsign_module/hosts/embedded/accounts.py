@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import TypeVar
 
 import attr
-from sqlalchemy import Connection, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 
 from twisted.internet import defer
 
@@ -27,7 +27,7 @@ from synapse_xsign_module.storage.schema import (
     host_devices,
     host_users,
 )
-from synapse_xsign_module.storage.util import MAX_PARAMS, chunks
+from synapse_xsign_module.storage.util import any_of
 
 T = TypeVar("T")
 
@@ -85,6 +85,12 @@ def _get_user_txn(conn: Connection, user_id: str) -> User | None:
         row.created_ts,
     )
 
+
+_NAMED_DEVICES = select(
+    host_devices.c.user_id, host_devices.c.device_id, host_devices.c.display_name
+).where(
+    any_of(host_devices.c.user_id, "users"), host_devices.c.display_name.is_not(None)
+)
 
 _TOKEN_QUERY = (
     select(host_access_tokens.c.user_id, host_access_tokens.c.device_id)
@@ -383,16 +389,14 @@ class AccountStore:
 
         def txn(conn: Connection) -> dict[str, dict[str, str]]:
             out: dict[str, dict[str, str]] = defaultdict(dict)
-            pairs = sorted({(u, d) for u, ds in user_devices.items() for d in ds})
-            d = host_devices.c
-            for part in chunks(pairs, MAX_PARAMS // 2):
-                rows = conn.execute(
-                    select(d.user_id, d.device_id, d.display_name).where(
-                        tuple_(d.user_id, d.device_id).in_(list(part)),
-                        d.display_name.is_not(None),
-                    )
-                )
-                for u, dev, name in rows:
+            wanted = {(u, d) for u, ds in user_devices.items() for d in ds}
+            if not wanted:
+                return {}
+            rows = conn.execute(
+                _NAMED_DEVICES, {"users": sorted({u for u, _ in wanted})}
+            )
+            for u, dev, name in rows:
+                if (u, dev) in wanted:
                     out[u][dev] = name
             return dict(out)
 
