@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 from collections import defaultdict
+from json.encoder import encode_basestring
 from typing import Any
 
 from synapse_xsign_module.clock import Clock
@@ -234,20 +235,22 @@ class DeviceKeysHandler:
                 if devices.existing is not None
                 else None
             )
+            names = devices.names.get(user_id)
             for device_id, key_json in snap.device_keys.get(user_id, {}).items():
                 if existing is not None and device_id not in existing:
                     continue  # deleted in the host: never served
-                unsigned: JsonDict = {}
-                name = devices.names.get(user_id, {}).get(device_id)
-                if name is not None:
-                    unsigned["device_display_name"] = name
                 extra = snap.signatures.get((user_id, device_id))
                 if extra:
                     key_json = with_signatures(key_json, tuple(sorted(extra)))
                 # Stored without "unsigned" (see parse_device_keys).
-                devices_out[device_id] = RawJson(
-                    f'{key_json[:-1]},"unsigned":{compact_json(unsigned)}}}'
-                )
+                name = names.get(device_id) if names else None
+                if name is None:
+                    devices_out[device_id] = RawJson(key_json[:-1] + _NO_UNSIGNED)
+                else:
+                    devices_out[device_id] = RawJson(
+                        f'{key_json[:-1]},"unsigned":'
+                        f'{{"device_display_name":{encode_basestring(name)}}}}}'
+                    )
             device_keys[user_id] = devices_out
 
             keys = snap.cross_signing.get(user_id, {})
@@ -313,6 +316,9 @@ class DeviceKeysHandler:
         claimed = await self._store.claim(claims) if claims else {}
         return {"one_time_keys": claimed, "failures": failures}
 
+
+#: The end of a served device key without a display name.
+_NO_UNSIGNED = ',"unsigned":{}}'
 
 #: Keys rendered with their detached signatures, remembered by content.
 RENDER_CACHE_SIZE = 8192

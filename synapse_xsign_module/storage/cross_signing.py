@@ -10,6 +10,7 @@ retires the SSK and USK it had signed, unless new ones come in the same upload.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import attr
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
@@ -31,9 +32,8 @@ USER_SIGNING = "user_signing"
 KEY_TYPES = (MASTER, SELF_SIGNING, USER_SIGNING)
 
 
-@attr.s(frozen=True, auto_attribs=True, slots=True)
-class StoredKey:
-    """A current cross-signing key.
+class StoredKey(NamedTuple):
+    """A current cross-signing key (a named tuple: many are built per query).
 
     Attributes:
         key_type: ``master``, ``self_signing`` or ``user_signing``.
@@ -73,6 +73,14 @@ _CK = cross_signing_keys.c
 _CURRENT_OF_USERS = select(
     _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
 ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
+# The same, without the user-signing keys of anyone but the requester.
+_CURRENT_VISIBLE = select(
+    _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
+).where(
+    any_of(_CK.user_id, "users"),
+    _CK.replaced_ts.is_(None),
+    or_(_CK.key_type != USER_SIGNING, _CK.user_id == bindparam("requester")),
+)
 _GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
     replacement_grants.c.user_id == bindparam("user")
 )
@@ -90,6 +98,20 @@ def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
     result: CurrentKeys = defaultdict(dict)
     rows = conn.execute(_CURRENT_OF_USERS, {"users": sorted(set(user_ids))})
+    for u, kt, pub, kj, ts in rows:
+        result[u][kt] = StoredKey(kt, pub, kj, ts)
+    return dict(result)
+
+
+def get_visible_current_txn(
+    conn: Connection, user_ids: list[str], requester_id: str | None
+) -> CurrentKeys:
+    """Like :func:`get_current_txn`, with only the requester's user-signing key."""
+    result: CurrentKeys = defaultdict(dict)
+    rows = conn.execute(
+        _CURRENT_VISIBLE,
+        {"users": sorted(set(user_ids)), "requester": requester_id or ""},
+    )
     for u, kt, pub, kj, ts in rows:
         result[u][kt] = StoredKey(kt, pub, kj, ts)
     return dict(result)

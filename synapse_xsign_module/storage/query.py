@@ -10,7 +10,7 @@ from twisted.internet import defer
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
     CurrentKeys,
-    get_current_txn,
+    get_visible_current_txn,
 )
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.device_keys import get_device_keys_txn
@@ -23,7 +23,8 @@ class KeySnapshot:
 
     Attributes:
         device_keys: user -> device -> stored key JSON.
-        cross_signing: user -> key type -> current key.
+        cross_signing: user -> key type -> current key (user-signing keys
+            only the requester's own).
         signatures: visible detached signatures over those devices and master keys.
     """
 
@@ -41,7 +42,7 @@ def fetch_keys_txn(
     several hundred).
     """
     devices = get_device_keys_txn(conn, query)
-    cross = get_current_txn(conn, list(query))
+    cross = get_visible_current_txn(conn, list(query), requester_id)
     targets = [(u, d) for u, devs in devices.items() for d in devs]
     targets += [
         (u, keys[MASTER].public_key) for u, keys in cross.items() if MASTER in keys
