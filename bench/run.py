@@ -47,7 +47,7 @@ targets:
   free loopback port, SQLite in a temporary directory, or --db-url). --base-url
   measures a running server instead; --target NAME=SPEC (repeatable) measures
   several side by side, SPEC being
-    embedded[,db_url=URL][,db_threads=N][,workers=N]   (workers: PostgreSQL only)
+    embedded[,db_url=URL][,db_threads=N][,workers=N]   (workers: run --workers N)
     URL[,shared_secret=S]            Synapse: shared-secret registration + /login
     URL[,admin_token=T]              embedded host: its admin API
     URL[,admin_user=U,admin_password=P]

@@ -1,7 +1,8 @@
-"""``synapse-xsign run --workers 2`` on PostgreSQL: two processes, one port.
+"""``synapse-xsign run --workers 2``: two processes, one port, one database.
 
-The requests go over real TCP from many threads; the kernel spreads the
-connections over both worker processes, and the test checks that both served.
+Each test runs on PostgreSQL (when ``XSIGN_TEST_POSTGRES_URL`` is set) and on a
+SQLite file. The requests go over real TCP from many threads; the kernel spreads
+the connections over both worker processes, and the tests check that both served.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,19 +51,17 @@ def _call(url: str, body: Any, token: str | None = None) -> tuple[int, Any]:
         return e.code, json.loads(e.read())
 
 
-class WorkersTest(unittest.TestCase):
-    """Two embedded-host processes on one PostgreSQL database."""
+class WorkersTestBase:
+    """Two embedded-host processes on one database (see the subclasses)."""
 
-    def setUp(self) -> None:
-        url = postgres_url()
-        if not url:
-            raise unittest.SkipTest(
-                "--workers needs PostgreSQL (XSIGN_TEST_POSTGRES_URL)"
-            )
-        from synapse_xsign_module.config import DatabaseConfig
+    def database_url(self) -> str:
+        """The database both processes use (prepared empty)."""
+        raise NotImplementedError
 
-        prepare_database(DatabaseConfig(url=url)).close()
+    def setUp(self: Any) -> None:
         self.dir = tempfile.mkdtemp(prefix="xsign-workers-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        url = self.database_url()
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = os.path.join(self.dir, "config.yaml")
@@ -240,11 +240,35 @@ class WorkersTest(unittest.TestCase):
         self.assertGreater(served["worker0"], 0, served)
         self.assertGreater(served["worker1"], 0, served)
 
-    def test_sqlite_refused(self) -> None:
-        """--workers refuses SQLite with a clear message."""
-        config = os.path.join(self.dir, "sqlite.yaml")
+
+class PostgresWorkersTest(WorkersTestBase, unittest.TestCase):
+    """--workers 2 on PostgreSQL."""
+
+    def database_url(self) -> str:
+        url = postgres_url()
+        if not url:
+            raise unittest.SkipTest("needs PostgreSQL (XSIGN_TEST_POSTGRES_URL)")
+        from synapse_xsign_module.config import DatabaseConfig
+
+        prepare_database(DatabaseConfig(url=url)).close()
+        return url
+
+
+class SqliteWorkersTest(WorkersTestBase, unittest.TestCase):
+    """--workers 2 on one SQLite file (WAL): reads in both, writes take turns."""
+
+    def database_url(self) -> str:
+        return f"sqlite:///{self.dir}/xsign.db"
+
+
+class WorkersRefusedTest(unittest.TestCase):
+    def test_in_memory_sqlite_refused(self) -> None:
+        """--workers refuses an in-memory SQLite database with a clear message."""
+        folder = tempfile.mkdtemp(prefix="xsign-workers-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        config = os.path.join(folder, "memory.yaml")
         with open(config, "w", encoding="utf-8") as f:
-            yaml.safe_dump({"database": {"url": f"sqlite:///{self.dir}/x.db"}}, f)
+            yaml.safe_dump({"database": {"url": "sqlite://"}}, f)
         done = subprocess.run(
             [
                 sys.executable,
@@ -259,4 +283,4 @@ class WorkersTest(unittest.TestCase):
             timeout=60,
         )
         self.assertEqual(done.returncode, 2)
-        self.assertIn("needs PostgreSQL", done.stderr)
+        self.assertIn("in-memory SQLite", done.stderr)

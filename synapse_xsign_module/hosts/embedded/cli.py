@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="serve with N processes sharing the port (PostgreSQL only)",
+        help="serve with N processes sharing the port",
     )
     run.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--worker-name", help=argparse.SUPPRESS)

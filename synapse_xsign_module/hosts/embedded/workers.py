@@ -3,7 +3,9 @@
 The parent binds the port once, runs the migrations once, and starts N worker
 processes that each adopt the socket (the kernel spreads connections over
 them). Workers keep no state another would need: UIA sessions, one-time key
-claims and key replacements all live in the (PostgreSQL) database. The parent
+claims and key replacements all live in the database (PostgreSQL, or one SQLite
+file in WAL mode, where reads run in every process at once and writes take the
+file's lock one at a time). The parent
 forwards SIGTERM/SIGINT to the workers; if one dies, it stops the others and
 exits non-zero so that a supervisor can restart the whole set.
 """
@@ -50,10 +52,14 @@ def run_workers(
     """
     db = Database(config.database, reactor=None)
     try:
-        if db.engine_name == "sqlite":
+        if db.engine_name == "sqlite" and db.engine.url.database in (
+            None,
+            "",
+            ":memory:",
+        ):
             logger.error(
-                "--workers needs PostgreSQL: several processes on one SQLite file "
-                "would serialize every write (set database.url to postgresql://...)"
+                "--workers needs a database the processes share: PostgreSQL or "
+                "a SQLite file, not an in-memory SQLite database"
             )
             return 2
         revision = migrate.upgrade(db.engine)
