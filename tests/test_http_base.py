@@ -339,6 +339,20 @@ class SiteTest(unittest.TestCase):
         self.assertIsInstance(self.seen[0], XSignRequest)
         self.assertEqual(self.seen[0].max_body, 100)
 
+    def test_form_content_type_is_not_parsed_as_a_form(self) -> None:
+        """A POST labelled as a form is not parsed as one: the body stays JSON."""
+        body = b"a=1&b=2"
+        out = self.send(
+            self.make_site(),
+            b"POST / HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
+        self.assertEqual(self.seen[0].args, {})
+        self.assertEqual(self.buffered, [body])
+        status, payload = self.status_and_body(out)
+        self.assertEqual((status, payload["errcode"]), (400, "M_NOT_JSON"))
+
     def test_body_within_limit_is_buffered(self) -> None:
         """A body within the limit is buffered and parsed."""
         body = b'{"a": 1, "b": 2}'

@@ -133,19 +133,20 @@ def _drop_invalidated_signatures(
     by = old is None or (old.get("keys") or {}).get(key_id) != (
         new.get("keys") or {}
     ).get(key_id)
-    s = signatures.c
     if over:
-        conn.execute(
-            delete(signatures).where(
-                s.target_user_id == user_id, s.target_key_id == device_id
-            )
-        )
+        conn.execute(_DELETE_SIGNATURES_OVER, {"user": user_id, "key": device_id})
     if by:
-        conn.execute(
-            delete(signatures).where(
-                s.signer_user_id == user_id, s.signer_key_id == key_id
-            )
-        )
+        conn.execute(_DELETE_SIGNATURES_BY, {"user": user_id, "key": key_id})
+
+
+_DELETE_SIGNATURES_OVER = delete(signatures).where(
+    signatures.c.target_user_id == bindparam("user"),
+    signatures.c.target_key_id == bindparam("key"),
+)
+_DELETE_SIGNATURES_BY = delete(signatures).where(
+    signatures.c.signer_user_id == bindparam("user"),
+    signatures.c.signer_key_id == bindparam("key"),
+)
 
 
 # Statements of the upload path, built once (SQLAlchemy caches their SQL).
