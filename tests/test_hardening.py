@@ -6,7 +6,10 @@ import json
 import logging
 from typing import Any
 
-from synapse_xsign_module.http.base import JsonResource
+from twisted.trial import unittest
+
+from synapse_xsign_module.errors import MatrixError
+from synapse_xsign_module.http.base import JsonResource, check_json_text
 from tests.utils import HostTestCase
 
 UPLOAD = "/_matrix/client/v3/keys/upload"
@@ -148,3 +151,24 @@ class HardeningTest(HostTestCase):
             token=admin.token,
         )
         self.assertEqual((resp.code, resp.json["errcode"]), (400, "M_INVALID_PARAM"))
+
+
+class JsonTextChecksTest(unittest.TestCase):
+    """check_json_text skips only the checks the raw text rules out."""
+
+    def check(self, text: str) -> None:
+        check_json_text(text, json.loads(text))
+
+    def test_escapes(self) -> None:
+        for bad in ('{"a": "\\uD83D"}', '{"\\udfff": 1}', '["\\u0000"]'):
+            with self.assertRaises(MatrixError, msg=bad):
+                self.check(bad)
+        # A surrogate pair (an emoji) and an escaped backslash are fine.
+        self.check('{"a": "\\ud83d\\udd11", "b": "\\\\u0000"}')
+
+    def test_depth(self) -> None:
+        wide = json.dumps({"k": [{"a": [1]} for _ in range(200)]})
+        self.check(wide)  # many brackets, shallow
+        self.check("[" * 64 + "]" * 64)
+        with self.assertRaises(MatrixError):
+            self.check("[" * 65 + "]" * 65)

@@ -163,6 +163,8 @@ MAX_DEPTH = 64
 #: Characters no stored string may hold: NUL (PostgreSQL text cannot store it)
 #: and lone surrogates (not encodable as UTF-8).
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+# Escapes in JSON text that can produce what _BAD_CHARS finds.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
 class _Unacceptable(ValueError):
@@ -183,33 +185,55 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def check_json_value(value: Any) -> None:
+def check_json_value(value: Any, strings: bool = True, depth: bool = True) -> None:
     """Refuse what parses but cannot be stored, signed or served safely.
+
+    Args:
+        value: the parsed JSON value.
+        strings: check strings and keys for NUL and lone surrogates.
+        depth: check the nesting depth.
 
     Raises:
         MatrixError: 400 ``M_BAD_JSON`` for nesting deeper than
             :data:`MAX_DEPTH`, or a string (or key) holding NUL or a lone
             surrogate.
     """
+    if not (strings or depth):
+        return
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        node, level = stack.pop()
+        if depth and level > MAX_DEPTH:
             raise bad_json(f"JSON nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
             for key, item in node.items():
-                if _BAD_CHARS.search(key):
+                if strings and _BAD_CHARS.search(key):
                     raise bad_json("JSON strings must not hold NUL or lone surrogates")
                 if isinstance(item, (dict, list)):
-                    stack.append((item, depth + 1))
-                elif isinstance(item, str) and _BAD_CHARS.search(item):
+                    stack.append((item, level + 1))
+                elif strings and isinstance(item, str) and _BAD_CHARS.search(item):
                     raise bad_json("JSON strings must not hold NUL or lone surrogates")
         elif isinstance(node, list):
             for item in node:
                 if isinstance(item, (dict, list)):
-                    stack.append((item, depth + 1))
-                elif isinstance(item, str) and _BAD_CHARS.search(item):
+                    stack.append((item, level + 1))
+                elif strings and isinstance(item, str) and _BAD_CHARS.search(item):
                     raise bad_json("JSON strings must not hold NUL or lone surrogates")
+
+
+def check_json_text(text: str, value: Any) -> None:
+    """:func:`check_json_value`, doing only the checks the raw text calls for.
+
+    The parsed strings can hold NUL or a surrogate only where the text has a
+    ``\\u0000`` or ``\\uD800``-``\\uDFFF`` escape (raw ones cannot pass the UTF-8
+    decoding or the parser); nesting can only exceed :data:`MAX_DEPTH` if the
+    text has more than that many brackets.
+    """
+    check_json_value(
+        value,
+        strings=_SUSPECT_ESCAPE.search(text) is not None,
+        depth=text.count("{") + text.count("[") > MAX_DEPTH,
+    )
 
 
 def read_json_body(request: Request, max_size: int) -> JsonDict:
@@ -238,8 +262,9 @@ def read_json_body(request: Request, max_size: int) -> JsonDict:
     if not raw.strip():
         return {}
     try:
+        text = raw.decode("utf-8")
         body = json.loads(
-            raw.decode("utf-8"),
+            text,
             parse_constant=_reject_constant,
             parse_int=_parse_int,
             parse_float=_parse_float,
@@ -250,7 +275,7 @@ def read_json_body(request: Request, max_size: int) -> JsonDict:
         raise MatrixError(400, Codes.NOT_JSON, "Content not JSON.") from None
     if not isinstance(body, dict):
         raise bad_json("Content must be a JSON object.")
-    check_json_value(body)
+    check_json_text(text, body)
     return body
 
 
