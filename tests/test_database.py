@@ -499,6 +499,22 @@ class LifecycleTest(DatabaseTestCase):
         )
         self.assertEqual(level, "read committed")
 
+    async def test_postgres_reads_run_without_a_transaction(self) -> None:
+        """On PostgreSQL a read runs in autocommit mode; a write is one transaction."""
+        if not self.is_postgres:
+            raise unittest.SkipTest("PostgreSQL only")
+
+        def two_clocks(conn: Connection) -> tuple[Any, Any]:
+            first = conn.exec_driver_sql("SELECT now()").scalar_one()
+            conn.exec_driver_sql("SELECT pg_sleep(0.02)")
+            return first, conn.exec_driver_sql("SELECT now()").scalar_one()
+
+        for _ in range(2):  # the same thread switches back and forth
+            a, b = await self.db.run_read("read", two_clocks)
+            self.assertNotEqual(a, b)  # a transaction per statement
+            a, b = await self.db.run("write", two_clocks)
+            self.assertEqual(a, b)  # one transaction
+
     def test_describe_hides_password(self) -> None:
         """describe() renders the URL without its password."""
         db = Database(

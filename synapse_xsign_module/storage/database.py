@@ -209,6 +209,7 @@ class Database:
         # small transaction). An in-memory SQLite database is one connection
         # shared by every thread (StaticPool): there, connect per transaction.
         self._persistent = not isinstance(self.engine.pool, StaticPool)
+        self._autocommit_reads = self.engine.dialect.name == "postgresql"
         self._local = threading.local()
         self._open: set[Connection] = set()
 
@@ -275,6 +276,7 @@ class Database:
         if conn is None or conn.closed or conn.invalidated:
             conn = self.engine.connect()
             self._local.conn = conn
+            self._local.mode = None
             with self._lock:
                 self._open.add(conn)
         return conn
@@ -301,6 +303,14 @@ class Database:
                     return fn(conn, *args, **kwargs)
         conn = self._thread_connection()
         try:
+            if self._autocommit_reads:
+                # At READ COMMITTED every statement reads its own snapshot, so a
+                # reading transaction gains nothing from BEGIN/COMMIT but two
+                # round trips: reads run in autocommit mode instead.
+                mode = "READ COMMITTED" if write else "AUTOCOMMIT"
+                if self._local.mode != mode:
+                    conn.execution_options(isolation_level=mode)
+                    self._local.mode = mode
             conn.execution_options(xsign_write=write)
             with conn.begin():
                 return fn(conn, *args, **kwargs)
@@ -339,7 +349,13 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> defer.Deferred[T]:
-        """Like :meth:`run`, for a transaction that only reads."""
+        """Like :meth:`run`, for a transaction that only reads.
+
+        On PostgreSQL it runs in autocommit mode (no BEGIN/COMMIT round trips):
+        at READ COMMITTED each statement sees what was committed when it
+        started, in a transaction or not. On SQLite it is one read transaction
+        (one snapshot for all its statements).
+        """
         return self._run(desc, False, fn, *args, **kwargs)
 
     def _run(
