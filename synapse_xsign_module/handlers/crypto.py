@@ -24,13 +24,19 @@ from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
 ED25519 = "ed25519"
 
 
-def is_ed25519_public_key(value: str) -> bool:
-    """Whether ``value`` is a 32-byte key in canonical unpadded base64."""
+def _decode(value: str, size: int) -> bytes | None:
+    """``size`` bytes from unpadded base64; None if it is not that."""
     try:
         raw = decode_base64(value)
-    except (binascii.Error, ValueError):
-        return False
-    return len(raw) == 32 and encode_base64(raw) == value
+    except (binascii.Error, ValueError, TypeError):
+        return None
+    return raw if len(raw) == size else None
+
+
+def is_ed25519_public_key(value: str) -> bool:
+    """Whether ``value`` is a 32-byte key in canonical unpadded base64."""
+    raw = _decode(value, 32)
+    return raw is not None and encode_base64(raw) == value
 
 
 def signed_bytes(obj: dict[str, Any]) -> bytes:
@@ -48,13 +54,8 @@ def stored_signed_bytes(stored_json: str) -> bytes:
 @functools.lru_cache(maxsize=4096)
 def _verify_key(public_key: str) -> VerifyKey | None:
     """A verify key from unpadded base64 (remembered); None if not a key."""
-    try:
-        raw = decode_base64(public_key)
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != 32:
-        return None
-    return VerifyKey(raw)
+    raw = _decode(public_key, 32)
+    return VerifyKey(raw) if raw is not None else None
 
 
 def verify_signature(message: bytes, signature: str, public_key: str) -> bool:
@@ -66,13 +67,8 @@ def verify_signature(message: bytes, signature: str, public_key: str) -> bool:
         public_key: the ed25519 public key in unpadded base64.
     """
     key = _verify_key(public_key)
-    if key is None:
-        return False
-    try:
-        raw = decode_base64(signature)
-    except (binascii.Error, ValueError):
-        return False
-    if len(raw) != 64:
+    raw = _decode(signature, 64)
+    if key is None or raw is None:
         return False
     try:
         key.verify(message, raw)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -424,37 +425,42 @@ def claim_txn(conn: Connection, claims: list[tuple[str, str, str]]) -> ClaimResu
     return result
 
 
+# The oldest unclaimed key of each (user, device, algorithm) triple, in one
+# statement: for each triple an index seek on xsign_otk_claim_idx with LIMIT 1,
+# whatever the number of keys a device holds. The triples are bound as one
+# value (arrays on PostgreSQL, a JSON array on SQLite).
+_OLDEST_PG = text(
+    "SELECT o.id, t.u, t.d, t.a"
+    " FROM unnest(CAST(:users AS TEXT[]), CAST(:devices AS TEXT[]),"
+    " CAST(:algorithms AS TEXT[])) AS t(u, d, a)"
+    " CROSS JOIN LATERAL (SELECT id FROM xsign_one_time_keys"
+    " WHERE user_id = t.u AND device_id = t.d AND algorithm = t.a"
+    " ORDER BY id LIMIT 1) AS o"
+)
+_OLDEST_SQLITE = text(
+    "SELECT (SELECT id FROM xsign_one_time_keys"
+    " WHERE user_id = t.u AND device_id = t.d AND algorithm = t.a"
+    " ORDER BY id LIMIT 1) AS id, t.u, t.d, t.a"
+    " FROM (SELECT json_extract(value, '$[0]') AS u,"
+    " json_extract(value, '$[1]') AS d, json_extract(value, '$[2]') AS a"
+    " FROM json_each(:triples)) AS t"
+)
+
+
 def _oldest_one_time_keys(
     conn: Connection, triples: list[tuple[str, str, str]]
 ) -> dict[int, tuple[str, str, str]]:
     """Row id of the oldest one-time key of each triple that has one."""
-    wanted: dict[int, tuple[str, str, str]] = {}
-    otk = one_time_keys.c
-    for part in chunks(triples, MAX_PARAMS // 3):
-        ranked = (
-            select(
-                otk.id,
-                otk.user_id,
-                otk.device_id,
-                otk.algorithm,
-                func.row_number()
-                .over(
-                    partition_by=(otk.user_id, otk.device_id, otk.algorithm),
-                    order_by=otk.id,
-                )
-                .label("rn"),
-            )
-            .where(tuple_(otk.user_id, otk.device_id, otk.algorithm).in_(list(part)))
-            .subquery()
-        )
+    if not triples:
+        return {}
+    if conn.dialect.name == "postgresql":
+        users, devices, algorithms = (list(col) for col in zip(*triples, strict=True))
         rows = conn.execute(
-            select(
-                ranked.c.id, ranked.c.user_id, ranked.c.device_id, ranked.c.algorithm
-            ).where(ranked.c.rn == 1)
+            _OLDEST_PG, {"users": users, "devices": devices, "algorithms": algorithms}
         )
-        for row in rows:
-            wanted[row.id] = (row.user_id, row.device_id, row.algorithm)
-    return wanted
+    else:
+        rows = conn.execute(_OLDEST_SQLITE, {"triples": json.dumps(triples)})
+    return {key_id: (u, d, a) for key_id, u, d, a in rows if key_id is not None}
 
 
 def _add_claimed(result: ClaimResult, rows: Any) -> set[tuple[str, str, str]]:
