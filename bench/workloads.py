@@ -553,6 +553,11 @@ class W6Query(Workload):
         )
 
 
+#: Unclaimed one-time keys per device the bench keeps at most (the module's
+#: cap per device and algorithm is 1000).
+MAX_UNCLAIMED = 1000
+
+
 class W7Claim(Workload):
     """``keys/claim`` of one signed one-time key from each of D devices."""
 
@@ -595,8 +600,15 @@ class W7Claim(Workload):
         self._claimed: list[tuple[str, str, str, JsonDict]] = []
 
     async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
-        """Top every device up to ``n`` (+ slack) unclaimed keys; ``n`` claims."""
+        """Top every device up to ``n`` (+ slack) unclaimed keys; ``n`` claims.
+
+        At most :data:`MAX_UNCLAIMED` keys per device at once: a server that
+        caps unclaimed keys (the module keeps the newest 1000) would otherwise
+        drop keys the batch counts on. The runner prepares again when a batch
+        runs out before the cell's time is up.
+        """
         assert n is not None
+        n = min(n, MAX_UNCLAIMED - 2 * concurrency)
         want = n + 2 * concurrency
         uploads: list[tuple[BenchUser, int, int]] = []
         for user in self._owners:
