@@ -10,6 +10,7 @@ close``, and a fresh connection whenever a kept one has gone away.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -136,13 +137,16 @@ class WirePool:
         self._host = host
         self._port = port
         self._timeout = timeout
-        self._idle: list[_Connection] = []
+        self._idle: deque[_Connection] = deque()
         self._all: set[_Connection] = set()
         self._host_header = f"{host}:{port}".encode("ascii")
 
     async def _connection(self) -> _Connection:
+        # First in, first out: requests rotate over every kept connection, and
+        # so over every process of a server whose processes share the port
+        # (the kernel hands each connection to one of them).
         while self._idle:
-            conn = self._idle.pop()
+            conn = self._idle.popleft()
             if conn.usable and conn.transport is not None:
                 return conn
             self._all.discard(conn)

@@ -284,3 +284,38 @@ class WorkersRefusedTest(unittest.TestCase):
         )
         self.assertEqual(done.returncode, 2)
         self.assertIn("in-memory SQLite", done.stderr)
+
+
+class ListeningSocketsTest(unittest.TestCase):
+    def test_one_socket_per_worker_sharing_the_port(self) -> None:
+        """On Linux each worker listens on its own socket; the kernel spreads
+        connections over all of them."""
+        if not sys.platform.startswith("linux"):
+            raise unittest.SkipTest("SO_REUSEPORT balancing is Linux's")
+        from synapse_xsign_module.hosts.embedded.workers import listening_sockets
+
+        socks = listening_sockets("127.0.0.1", 0, 2)
+        for s in socks:
+            self.addCleanup(s.close)
+        self.assertEqual(len({id(s) for s in socks}), 2)
+        port = socks[0].getsockname()[1]
+        self.assertEqual({s.getsockname()[1] for s in socks}, {port})
+        clients = []
+        for _ in range(64):
+            c = socket.create_connection(("127.0.0.1", port))
+            self.addCleanup(c.close)
+            clients.append(c)
+        accepted = []
+        for s in socks:
+            s.setblocking(False)
+            count = 0
+            while True:
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                count += 1
+            accepted.append(count)
+        self.assertEqual(sum(accepted), 64)
+        self.assertTrue(all(n > 0 for n in accepted), accepted)

@@ -27,16 +27,43 @@ from synapse_xsign_module.storage.database import Database
 logger = logging.getLogger(__name__)
 
 
-def bind_socket(address: str, port: int) -> socket.socket:
-    """A listening TCP socket that child processes can inherit."""
+def bind_socket(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket that child processes can inherit.
+
+    Args:
+        address: the address to bind.
+        port: the port (0: any free port).
+        reuse_port: set ``SO_REUSEPORT``, so that several sockets can listen on
+            the same port and the kernel spreads new connections over them.
+    """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address, port))
     sock.listen(1024)
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
+
+
+def listening_sockets(address: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker where the kernel can balance them.
+
+    On Linux each worker gets a socket of its own in one ``SO_REUSEPORT``
+    group: the kernel hands each new connection to one of them, evenly.
+    Elsewhere (no ``SO_REUSEPORT``, or one that does not balance) the workers
+    share one socket and take turns accepting from it.
+    """
+    if count > 1 and sys.platform.startswith("linux"):
+        first = bind_socket(address, port, reuse_port=True)
+        port = first.getsockname()[1]
+        return [first] + [
+            bind_socket(address, port, reuse_port=True) for _ in range(count - 1)
+        ]
+    sock = bind_socket(address, port)
+    return [sock] * count
 
 
 def run_workers(
@@ -66,8 +93,8 @@ def run_workers(
     finally:
         db.close()
     emb = config.embedded
-    sock = bind_socket(emb.bind_address, emb.port)
-    host, port = sock.getsockname()[:2]
+    socks = listening_sockets(emb.bind_address, emb.port, count)
+    host, port = socks[0].getsockname()[:2]
     logger.info(
         "synapse-xsign supervisor: %d workers on http://%s:%d, schema %s",
         count,
@@ -89,14 +116,15 @@ def run_workers(
                     log_level,
                     "run",
                     "--listen-fd",
-                    str(sock.fileno()),
+                    str(socks[index].fileno()),
                     "--worker-name",
                     f"worker{index}",
                 ],
-                pass_fds=(sock.fileno(),),
+                pass_fds=(socks[index].fileno(),),
             )
         )
-    sock.close()
+    for sock in set(socks):
+        sock.close()  # each worker holds its own
 
     stopping = False
 
