@@ -341,6 +341,43 @@ class LifecycleTest(SignatureTestBase):
         )
         self.assertEqual(self.signature_rows(), 1)
 
+    async def test_identical_signature_is_not_verified_again(self) -> None:
+        """Re-uploading the stored signature succeeds without another check; a
+        different signature under the same key id is still checked."""
+        from synapse_xsign_module.handlers import signatures as handler_module
+
+        alice = await self.ready_user("alice")
+        checked: list[bytes] = []
+        real = handler_module.verify_signature
+
+        def counting(message: bytes, signature: str, public: str) -> bool:
+            checked.append(message)
+            return real(message, signature, public)
+
+        self.patch(handler_module, "verify_signature", counting)
+        signed = self.ssk_signed_device(alice)
+        body = {alice.user_id: {alice.device_id: signed}}
+        self.assertEqual(await self.sign_upload(alice, body), {})
+        self.assertEqual(len(checked), 1)
+        self.assertEqual(await self.sign_upload(alice, body), {})
+        self.assertEqual(len(checked), 1)  # already stored: not checked again
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        forged = copy.deepcopy(signed)
+        forged["signatures"][alice.user_id][ssk_id] = "A" * 86
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: forged}}
+        )
+        self.assertEqual(len(checked), 2)
+        self.assertEqual(
+            failures[alice.user_id][alice.device_id]["errcode"], "M_INVALID_SIGNATURE"
+        )
+        device = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertEqual(
+            sig_of(device, alice.user_id, ssk_id), sig_of(signed, alice.user_id, ssk_id)
+        )
+
     async def test_ssk_rotation_hides_old_device_signatures(self) -> None:
         """After a new SSK, signatures by the old SSK are no longer served."""
         alice = await self.ready_user("alice")

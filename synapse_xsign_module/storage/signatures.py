@@ -185,9 +185,17 @@ _VISIBLE_SIGNATURES = select(*_SIGNATURE_COLUMNS).where(
 )
 
 
+#: (target user, target key id, signer key id) -> signature
+OwnSignatures = dict[tuple[str, str, str], str]
+
+_SIGNED_BY = select(
+    _S.target_user_id, _S.target_key_id, _S.signer_key_id, _S.signature
+).where(_S.signer_user_id == bindparam("signer"), any_of(_S.target_user_id, "users"))
+
+
 def load_context_txn(
     conn: Connection, user_id: str, other_users: list[str], device_ids: list[str]
-) -> tuple[CurrentKeys, dict[str, str]]:
+) -> tuple[CurrentKeys, dict[str, str], OwnSignatures]:
     """What a signature upload is checked against.
 
     Args:
@@ -198,14 +206,21 @@ def load_context_txn(
             signing); only these are read.
 
     Returns:
-        The current cross-signing keys of the uploader and the other users, and
-        those of the uploader's devices that have keys (device id -> key JSON).
+        The current cross-signing keys of the uploader and the other users,
+        those of the uploader's devices that have keys (device id -> key JSON),
+        and the stored signatures the uploader made over those users' keys.
     """
     cross = get_current_txn(conn, [user_id, *other_users])
     devices: dict[str, str] = {}
     if device_ids:
         devices = get_device_keys_txn(conn, {user_id: device_ids}).get(user_id, {})
-    return cross, devices
+    stored = {
+        (tu, tk, sk): sig
+        for tu, tk, sk, sig in conn.execute(
+            _SIGNED_BY, {"signer": user_id, "users": sorted({user_id, *other_users})}
+        )
+    }
+    return cross, devices, stored
 
 
 class SignatureStore:
@@ -220,7 +235,7 @@ class SignatureStore:
 
     def load_context(
         self, user_id: str, other_users: list[str], device_ids: list[str]
-    ) -> defer.Deferred[tuple[CurrentKeys, dict[str, str]]]:
+    ) -> defer.Deferred[tuple[CurrentKeys, dict[str, str], OwnSignatures]]:
         """See :func:`load_context_txn`."""
         return self._db.run_read(
             "signature_context", load_context_txn, user_id, other_users, device_ids
