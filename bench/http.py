@@ -92,43 +92,28 @@ class JsonClient:
             raw: pre-encoded JSON body (wins over ``body``).
         """
         data = raw if raw is not None else (encode(body) if body is not None else None)
-        if self._wire is not None:
-            return await self._request_wire(method, path, data, token)
-        headers = Headers()
-        if token is not None:
-            headers.setRawHeaders(
-                b"Authorization", [b"Bearer " + token.encode("ascii")]
-            )
-        if data is not None:
-            headers.setRawHeaders(b"Content-Type", [b"application/json"])
-        start = time.perf_counter()
-        resp = await self._http.request(
-            method,
-            self.base_url + path,
-            data=data,
-            headers=headers,
-            timeout=REQUEST_TIMEOUT,
-        )
-        content = await treq.content(resp)
-        latency = time.perf_counter() - start
-        try:
-            parsed: Any = json.loads(content) if content else None
-        except ValueError:
-            parsed = None
-        return Answer(resp.code, parsed, latency)
-
-    async def _request_wire(
-        self, method: str, path: str, data: bytes | None, token: str | None
-    ) -> Answer:
-        assert self._wire is not None
         headers: list[tuple[bytes, bytes]] = []
         if token is not None:
             headers.append((b"Authorization", b"Bearer " + token.encode("ascii")))
         if data is not None:
             headers.append((b"Content-Type", b"application/json"))
-        request = self._wire.encode(method, self._prefix + path, headers, data or b"")
-        start = time.perf_counter()
-        code, content = await self._wire.request(request)
+        if self._wire is not None:
+            wire_request = self._wire.encode(
+                method, self._prefix + path, headers, data or b""
+            )
+            start = time.perf_counter()
+            code, content = await self._wire.request(wire_request)
+        else:
+            treq_headers = Headers({name: [value] for name, value in headers})
+            start = time.perf_counter()
+            resp = await self._http.request(
+                method,
+                self.base_url + path,
+                data=data,
+                headers=treq_headers,
+                timeout=REQUEST_TIMEOUT,
+            )
+            code, content = resp.code, await treq.content(resp)
         latency = time.perf_counter() - start
         try:
             parsed: Any = json.loads(content) if content else None

@@ -74,8 +74,9 @@ class Workload(Feed):
 
     @property
     def items_per_request(self) -> int:
-        """Items done by one correct request."""
-        return 1
+        """Items done by one correct request: the size (K signatures, M
+        signatures, Q users, D keys) where the workload has one, else 1."""
+        return self.param if self.param is not None else 1
 
     def label(self) -> str:
         """``W4 keys/signatures/upload K=50``."""
@@ -314,12 +315,6 @@ class W4SignOwnDevices(Workload):
     param_name = "K"
     item = "signatures"
 
-    @property
-    def items_per_request(self) -> int:
-        """K signatures."""
-        assert self.param is not None
-        return self.param
-
     async def setup(self) -> None:
         """One user per worker with max(K) devices with keys, and an identity."""
         k_max = max(self.settings.k_sizes)
@@ -404,12 +399,6 @@ class W5SignOthersMasters(Workload):
     param_name = "M"
     item = "signatures"
 
-    @property
-    def items_per_request(self) -> int:
-        """M signatures."""
-        assert self.param is not None
-        return self.param
-
     async def setup(self) -> None:
         """max(M) signed users, and one signer per worker."""
         m = self.items_per_request
@@ -486,12 +475,6 @@ class W6Query(Workload):
     param_name = "Q"
     item = "users"
 
-    @property
-    def items_per_request(self) -> int:
-        """Q users."""
-        assert self.param is not None
-        return self.param
-
     async def setup(self) -> None:
         """max(Q) users with full keys; the first ones also ask."""
         q = self.items_per_request
@@ -566,12 +549,6 @@ class W7Claim(Workload):
     param_name = "D"
     item = "keys"
     consumable = True
-
-    @property
-    def items_per_request(self) -> int:
-        """D keys."""
-        assert self.param is not None
-        return self.param
 
     def first_batch(self, concurrency: int) -> int:
         """Claims cost a one-time key per device: start smaller."""
