@@ -10,7 +10,7 @@ retires the SSK and USK it had signed, unless new ones come in the same upload.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import attr
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
@@ -96,23 +96,23 @@ CurrentKeys = dict[str, dict[str, StoredKey]]
 
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
-    result: CurrentKeys = defaultdict(dict)
-    rows = conn.execute(_CURRENT_OF_USERS, {"users": sorted(set(user_ids))})
-    for u, kt, pub, kj, ts in rows:
-        result[u][kt] = StoredKey(kt, pub, kj, ts)
-    return dict(result)
+    return _current_keys(conn, _CURRENT_OF_USERS, {"users": sorted(set(user_ids))})
 
 
 def get_visible_current_txn(
     conn: Connection, user_ids: list[str], requester_id: str | None
 ) -> CurrentKeys:
     """Like :func:`get_current_txn`, with only the requester's user-signing key."""
-    result: CurrentKeys = defaultdict(dict)
-    rows = conn.execute(
+    return _current_keys(
+        conn,
         _CURRENT_VISIBLE,
         {"users": sorted(set(user_ids)), "requester": requester_id or ""},
     )
-    for u, kt, pub, kj, ts in rows:
+
+
+def _current_keys(conn: Connection, stmt: Any, params: dict[str, Any]) -> CurrentKeys:
+    result: CurrentKeys = defaultdict(dict)
+    for u, kt, pub, kj, ts in conn.execute(stmt, params):
         result[u][kt] = StoredKey(kt, pub, kj, ts)
     return dict(result)
 
