@@ -144,6 +144,15 @@ class Identity:
         """The user-signing public key."""
         return public_key(self.user_signing)
 
+    def replace_self_signing(self) -> JsonDict:
+        """A new self-signing key, signed by the master key; returns the
+        ``/keys/device_signing/upload`` body that publishes it."""
+        self.self_signing = new_signing_key()
+        self.objects[SELF_SIGNING] = cross_signing_key(
+            self.user_id, SELF_SIGNING, self.self_signing, self.master
+        )
+        return {"self_signing_key": self.objects[SELF_SIGNING]}
+
     def upload_body(self) -> JsonDict:
         """The ``/keys/device_signing/upload`` body (no ``auth``)."""
         return {

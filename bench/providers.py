@@ -9,6 +9,11 @@
   (``/_synapse/admin/v1/register``, nonce + HMAC-SHA1) and password ``/login``
   for each device. For a benchmark, give Synapse ``bcrypt_rounds: 4`` and
   generous ``rc_login`` / ``rc_registration`` limits; the bench waits out 429s.
+  It registers one admin account to open replacement windows.
+
+W4 replaces a user's self-signing key before each request (so every signature
+it sends is new) through the admin API's replacement window, which needs no
+password check.
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ import secrets
 from typing import Protocol
 from urllib.parse import quote
 
-from bench.http import JsonClient, RequestFailed
+from bench.http import JsonClient, JsonDict, RequestFailed
 
 ADMIN_API = "/_synapse/client/xsign/admin/v1"
+#: Synapse's own admin API.
+SYNAPSE_ADMIN_API = "/_synapse/admin/v1"
+#: The admin endpoint that lets a user replace cross-signing keys without UIA.
+ALLOW_REPLACEMENT = "_allow_cross_signing_replacement_without_uia"
 
 
 class UserProvider(Protocol):
@@ -40,6 +49,9 @@ class UserProvider(Protocol):
 
     async def login(self, user_id: str, device_id: str) -> str:
         """Log ``user_id`` in on ``device_id``; returns the access token."""
+
+    async def allow_key_replacement(self, user_id: str) -> None:
+        """Let ``user_id`` replace cross-signing keys without UIA for a while."""
 
 
 class EmbeddedAdminProvider:
@@ -119,6 +131,16 @@ class EmbeddedAdminProvider:
         )
         return str(body["access_token"])
 
+    async def allow_key_replacement(self, user_id: str) -> None:
+        """Open the module's replacement window for ``user_id``."""
+        await self._client.must(
+            "POST",
+            f"{ADMIN_API}/users/{quote(user_id, safe='')}/{ALLOW_REPLACEMENT}",
+            {},
+            token=self._token,
+            what=f"replacement window for {user_id}",
+        )
+
 
 def registration_mac(
     secret: str, nonce: str, user: str, password: str, admin: bool
@@ -149,19 +171,23 @@ class SynapseSharedSecretProvider:
         self._client = client
         self._secret = shared_secret
         self._password = "bench-" + secrets.token_urlsafe(12)
+        self._admin_token = ""
+        self._window_api: str | None = None
         self.server_name = ""
 
     async def prepare(self) -> None:
-        """Register one probe account to learn the server name."""
-        user_id = await self._register("benchprobe" + secrets.token_hex(4))
-        self.server_name = user_id.split(":", 1)[1]
+        """Register one admin account: it tells the server name and opens
+        replacement windows."""
+        body = await self._register("benchadmin" + secrets.token_hex(4), admin=True)
+        self.server_name = str(body["user_id"]).split(":", 1)[1]
+        self._admin_token = str(body["access_token"])
 
     def user_id(self, localpart: str) -> str:
         """``@localpart:server``."""
         return f"@{localpart}:{self.server_name}"
 
-    async def _register(self, localpart: str) -> str:
-        path = "/_synapse/admin/v1/register"
+    async def _register(self, localpart: str, admin: bool = False) -> JsonDict:
+        path = f"{SYNAPSE_ADMIN_API}/register"
         nonce = await self._client.must("GET", path, what="registration nonce")
         body = await self._client.must(
             "POST",
@@ -170,18 +196,37 @@ class SynapseSharedSecretProvider:
                 "nonce": nonce["nonce"],
                 "username": localpart,
                 "password": self._password,
-                "admin": False,
+                "admin": admin,
                 "mac": registration_mac(
-                    self._secret, str(nonce["nonce"]), localpart, self._password, False
+                    self._secret, str(nonce["nonce"]), localpart, self._password, admin
                 ),
             },
             what=f"register {localpart}",
         )
-        return str(body["user_id"])
+        return body
 
     async def create_user(self, localpart: str) -> str:
         """Register the account (Synapse also logs it in once; that token is unused)."""
-        return await self._register(localpart)
+        return str((await self._register(localpart))["user_id"])
+
+    async def allow_key_replacement(self, user_id: str) -> None:
+        """Open the replacement window: the module's admin API when Synapse
+        loads the module (it serves the upload), else Synapse's own."""
+        user = quote(user_id, safe="")
+        apis = (
+            [self._window_api] if self._window_api else [ADMIN_API, SYNAPSE_ADMIN_API]
+        )
+        for api in apis:
+            answer = await self._client.request(
+                "POST",
+                f"{api}/users/{user}/{ALLOW_REPLACEMENT}",
+                {},
+                token=self._admin_token,
+            )
+            if answer.code == 200:
+                self._window_api = api
+                return
+        raise RequestFailed(f"no replacement window for {user_id}: {answer.describe()}")
 
     async def login(self, user_id: str, device_id: str) -> str:
         """Password login on ``device_id``."""

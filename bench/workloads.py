@@ -308,12 +308,20 @@ def _expect_no_failures(answer: Answer) -> str | None:
 
 
 class W4SignOwnDevices(Workload):
-    """The self-signing key signs K of the user's own devices."""
+    """The self-signing key signs K of the user's own devices.
+
+    Every request carries new signatures: before each one (not timed) the
+    user's self-signing key is replaced, through an admin-opened replacement
+    window, so the server must verify all K. Signing the same devices with the
+    same key again would send identical (ed25519 is deterministic) signatures,
+    which a server may recognise as already stored and not verify at all.
+    """
 
     key = "W4"
     endpoint = "keys/signatures/upload"
     param_name = "K"
     item = "signatures"
+    consumable = True
 
     async def setup(self) -> None:
         """One user per worker with max(K) devices with keys, and an identity."""
@@ -334,17 +342,50 @@ class W4SignOwnDevices(Workload):
                 f"{time.monotonic() - started:.1f} s"
             )
         self._users = users
+
+    def begin_cell(self, concurrency: int) -> None:
+        """Worker ``w`` uses user ``w``; nobody has signed with a new key yet."""
+        self._used = self._users[:concurrency]
+        #: user id -> the SSK public key whose signatures were answered 200.
+        self._signed: dict[str, str] = {}
+
+    def first_batch(self, concurrency: int) -> int:
+        """One request per worker (each user has one new key at a time)."""
+        return concurrency
+
+    async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
+        """A new SSK for up to ``n`` of the cell's users, then one request each
+        that signs the user's first K devices with it."""
+        assert n is not None
+        users = self._used[: max(1, min(n, len(self._used)))]
+        target = self.target
         k = self.items_per_request
+
+        async def replace(user: BenchUser) -> None:
+            assert user.identity is not None
+            body = user.identity.replace_self_signing()
+            target.book.add_identity(user.identity)
+            await target.provider.allow_key_replacement(user.user_id)
+            answer = await target.client.must(
+                "POST",
+                f"{KEYS}/device_signing/upload",
+                body,
+                token=user.token,
+                what=f"new self-signing key for {user.user_id}",
+            )
+            if answer != {}:
+                raise RequestFailed(f"device_signing/upload answered {answer}")
+
+        await target.gather(users, replace)
 
         def make() -> list[bytes]:
             out = []
             for user in users:
                 assert user.identity is not None
+                ssk = user.identity.self_signing
                 body = {
                     user.user_id: {
-                        d.device_id: add_signature(
-                            d.keys or {}, user.user_id, user.identity.self_signing
-                        )
+                        d.device_id: add_signature(d.keys or {}, user.user_id, ssk)
                         for d in user.devices[:k]
                     }
                 }
@@ -352,37 +393,46 @@ class W4SignOwnDevices(Workload):
             return out
 
         bodies = await in_thread(make)
-        self._units = [
-            Unit(self.path, u.token, raw, _expect_no_failures, u)
-            for u, raw in zip(users, bodies, strict=True)
-        ]
+        return QueueSource(
+            [
+                Unit(self.path, u.token, raw, self._checker(u), u)
+                for u, raw in zip(users, bodies, strict=True)
+            ]
+        )
 
-    def begin_cell(self, concurrency: int) -> None:
-        """Worker ``w`` uses user ``w``."""
-        self._used = self._units[:concurrency]
+    def _checker(self, user: BenchUser) -> Any:
+        assert user.identity is not None
+        ssk_pub = user.identity.ssk_pub
 
-    async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
-        """Each worker signs its own user's devices, again and again."""
-        return CycleSource([[u] for u in self._used])
+        def check(answer: Answer) -> str | None:
+            problem = _expect_no_failures(answer)
+            if problem is None:
+                self._signed[user.user_id] = ssk_pub
+            return problem
+
+        return check
 
     async def verify(self) -> Problems:
-        """Each user reads itself back: the first K devices carry the SSK's
-        signature, and every signature (device, SSK, master) verifies."""
+        """Each user reads itself back: after an accepted request the first K
+        devices carry the current SSK's signature, and every signature (device,
+        SSK, master) verifies."""
         k = self.items_per_request
         problems = Problems()
 
-        async def one(unit: Unit) -> Problems:
-            user: BenchUser = unit.tag
+        async def one(user: BenchUser) -> Problems:
             assert user.identity is not None
-            ssk_id = f"ed25519:{user.identity.ssk_pub}"
+            ssk_pub = user.identity.ssk_pub
+            signatures = set()
+            if self._signed.get(user.user_id) == ssk_pub:
+                signatures = {
+                    (user.user_id, d.device_id, user.user_id, f"ed25519:{ssk_pub}")
+                    for d in user.devices[:k]
+                }
             expect = Expect(
                 devices={user.user_id: {d.device_id for d in user.devices}},
                 cross_signing={user.user_id},
                 own_usk=True,
-                signatures={
-                    (user.user_id, d.device_id, user.user_id, ssk_id)
-                    for d in user.devices[:k]
-                },
+                signatures=signatures,
             )
             return await self.target.read_back(user, [user.user_id], expect)
 
