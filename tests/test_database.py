@@ -7,7 +7,16 @@ import sqlite3
 import threading
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    func,
+    select,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from twisted.internet import defer, reactor
@@ -17,7 +26,7 @@ from twisted.trial import unittest
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.storage.database import Database, is_retryable
 from synapse_xsign_module.storage.schema import host_users
-from synapse_xsign_module.storage.util import any_of
+from synapse_xsign_module.storage.util import RawSelect, any_of
 from tests.utils import capture_logs, prepare_database, remove_sqlite, test_db_url
 
 BUSY_TIMEOUT_MS = 1234
@@ -330,6 +339,61 @@ class AnyOfTest(DatabaseTestCase):
         self.assertEqual((empty, none), ([], []))
         self.assertEqual(two, sorted(names[1:3]))
         self.assertEqual(everyone, sorted(names))
+
+
+class RawSelectTest(DatabaseTestCase):
+    """storage.util.RawSelect: the same rows as SQLAlchemy, from the driver."""
+
+    async def test_rows_match_sqlalchemy(self) -> None:
+        """Named parameters, a StringList and the statement's own literals are
+        all bound; rows come back as plain tuples, in the transaction."""
+        t = host_users.c
+        stmt = (
+            select(t.user_id, t.created_ts)
+            .where(any_of(t.user_id, "ids"), t.created_ts >= bindparam("since"))
+            .where(t.is_admin.is_(False), t.user_id != "@hidden:x")
+            .order_by(t.user_id)
+        )
+        raw = RawSelect(stmt)
+        rows = [
+            {"user_id": n, "created_ts": ts, "is_admin": admin}
+            for n, ts, admin in [
+                ("@a:x", 5, False),
+                ("@b:x", 1, False),
+                ("@c:x", 9, True),
+                ("@hidden:x", 9, False),
+                ('@it\'s "q" \u00e9:x', 7, False),
+            ]
+        ]
+        ids = [r["user_id"] for r in rows] + ["@nobody:x"]
+
+        def txn(conn: Connection) -> tuple[list[Any], list[Any], list[Any]]:
+            conn.execute(host_users.insert(), rows)
+            # Twice: the second run uses the statement compiled by the first.
+            first = raw.rows(conn, {"ids": ids, "since": 2})
+            again = raw.rows(conn, {"ids": ids[:1], "since": 0})
+            expected = [tuple(r) for r in conn.execute(stmt, {"ids": ids, "since": 2})]
+            return first, again, expected
+
+        first, again, expected = await self.db.run("raw", txn)
+        self.assertEqual(first, expected)
+        self.assertEqual(first, [("@a:x", 5), ('@it\'s "q" \u00e9:x', 7)])
+        self.assertEqual(again, [("@a:x", 5)])
+        self.assertTrue(all(type(r) is tuple for r in first))
+
+    async def test_driver_errors_are_sqlalchemy_errors(self) -> None:
+        """A failing statement raises SQLAlchemy's DBAPIError (what retries and
+        dropping a broken connection look for), and the transaction rolls back."""
+        missing = Table("xsign_no_such_table", MetaData(), Column("x", Text))
+        raw = RawSelect(select(missing.c.x).where(missing.c.x == bindparam("x")))
+
+        def txn(conn: Connection) -> None:
+            add_user(conn, "@rolled-back:x")
+            raw.rows(conn, {"x": "y"})
+
+        with self.assertRaises(DBAPIError):
+            await self.db.run("raw", txn)
+        self.assertEqual(await self.db.run_read("ids", user_ids), [])
 
 
 class ConnectionReuseTest(DatabaseTestCase):

@@ -24,7 +24,7 @@ from synapse_xsign_module.storage.schema import (
     replacement_grants,
     signatures,
 )
-from synapse_xsign_module.storage.util import any_of, lock_users
+from synapse_xsign_module.storage.util import RawSelect, any_of, lock_users
 
 MASTER = "master"
 SELF_SIGNING = "self_signing"
@@ -70,16 +70,20 @@ class KeyIdInUse(Exception):
 
 
 _CK = cross_signing_keys.c
-_CURRENT_OF_USERS = select(
-    _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
-).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
+_CURRENT_OF_USERS = RawSelect(
+    select(
+        _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
+    ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
+)
 # The same, without the user-signing keys of anyone but the requester.
-_CURRENT_VISIBLE = select(
-    _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
-).where(
-    any_of(_CK.user_id, "users"),
-    _CK.replaced_ts.is_(None),
-    or_(_CK.key_type != USER_SIGNING, _CK.user_id == bindparam("requester")),
+_CURRENT_VISIBLE = RawSelect(
+    select(
+        _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
+    ).where(
+        any_of(_CK.user_id, "users"),
+        _CK.replaced_ts.is_(None),
+        or_(_CK.key_type != USER_SIGNING, _CK.user_id == bindparam("requester")),
+    )
 )
 _GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
     replacement_grants.c.user_id == bindparam("user")
@@ -110,9 +114,11 @@ def get_visible_current_txn(
     )
 
 
-def _current_keys(conn: Connection, stmt: Any, params: dict[str, Any]) -> CurrentKeys:
+def _current_keys(
+    conn: Connection, stmt: RawSelect, params: dict[str, Any]
+) -> CurrentKeys:
     result: CurrentKeys = defaultdict(dict)
-    for u, kt, pub, kj, ts in conn.execute(stmt, params):
+    for u, kt, pub, kj, ts in stmt.rows(conn, params):
         result[u][kt] = StoredKey(kt, pub, kj, ts)
     return dict(result)
 

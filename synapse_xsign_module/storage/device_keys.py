@@ -38,6 +38,7 @@ from synapse_xsign_module.storage.schema import (
 )
 from synapse_xsign_module.storage.util import (
     MAX_PARAMS,
+    RawSelect,
     any_of,
     chunks,
     lock_users,
@@ -336,11 +337,11 @@ def count_one_time_keys_txn(
 MANY_DEVICES = 32
 
 _DK = device_keys.c
-_KEYS_OF_USERS = select(_DK.user_id, _DK.device_id, _DK.key_json).where(
-    any_of(_DK.user_id, "users")
+_KEYS_OF_USERS = RawSelect(
+    select(_DK.user_id, _DK.device_id, _DK.key_json).where(any_of(_DK.user_id, "users"))
 )
-_KEYS_OF_USER = select(_DK.device_id, _DK.key_json).where(
-    _DK.user_id == bindparam("user")
+_KEYS_OF_USER = RawSelect(
+    select(_DK.device_id, _DK.key_json).where(_DK.user_id == bindparam("user"))
 )
 
 
@@ -359,14 +360,14 @@ def get_device_keys_txn(
     result: dict[str, dict[str, str]] = defaultdict(dict)
     all_users = sorted(u for u, devs in query.items() if not devs)
     if all_users:
-        for u, d, kj in conn.execute(_KEYS_OF_USERS, {"users": all_users}):
+        for u, d, kj in _KEYS_OF_USERS.rows(conn, {"users": all_users}):
             result[u][d] = kj
     pairs: set[tuple[str, str]] = set()
     for user_id, devs in query.items():
         if len(devs) > MANY_DEVICES:
             wanted = set(devs)
             found = result[user_id]
-            for d, kj in conn.execute(_KEYS_OF_USER, {"user": user_id}):
+            for d, kj in _KEYS_OF_USER.rows(conn, {"user": user_id}):
                 if d in wanted:
                     found[d] = kj
         else:

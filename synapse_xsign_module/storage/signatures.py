@@ -18,6 +18,7 @@ from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.device_keys import get_device_keys_txn
 from synapse_xsign_module.storage.schema import signatures
 from synapse_xsign_module.storage.util import (
+    RawSelect,
     any_of,
     lock_users,
     upsert,
@@ -152,10 +153,10 @@ def get_visible_txn(
     # Select by user and keep the wanted keys.
     users = sorted({u for u, _ in wanted})
     if requester_id is None:
-        rows = conn.execute(_OWN_SIGNATURES, {"users": users})
+        rows = _OWN_SIGNATURES.rows(conn, {"users": users})
     else:
-        rows = conn.execute(
-            _VISIBLE_SIGNATURES, {"users": users, "requester": requester_id}
+        rows = _VISIBLE_SIGNATURES.rows(
+            conn, {"users": users, "requester": requester_id}
         )
     for tu, tk, su, sk, sig in rows:
         if (tu, tk) in wanted:
@@ -172,25 +173,31 @@ _SIGNATURE_COLUMNS = (
     _S.signature,
 )
 # Signatures a user made over their own keys: seen by everyone.
-_OWN_SIGNATURES = select(*_SIGNATURE_COLUMNS).where(
-    any_of(_S.target_user_id, "users"), _S.signer_user_id == _S.target_user_id
+_OWN_SIGNATURES = RawSelect(
+    select(*_SIGNATURE_COLUMNS).where(
+        any_of(_S.target_user_id, "users"), _S.signer_user_id == _S.target_user_id
+    )
 )
 # ... and those the requester made (with the user-signing key).
-_VISIBLE_SIGNATURES = select(*_SIGNATURE_COLUMNS).where(
-    any_of(_S.target_user_id, "users"),
-    or_(
-        _S.signer_user_id == _S.target_user_id,
-        _S.signer_user_id == bindparam("requester"),
-    ),
+_VISIBLE_SIGNATURES = RawSelect(
+    select(*_SIGNATURE_COLUMNS).where(
+        any_of(_S.target_user_id, "users"),
+        or_(
+            _S.signer_user_id == _S.target_user_id,
+            _S.signer_user_id == bindparam("requester"),
+        ),
+    )
 )
 
 
 #: (target user, target key id, signer key id) -> signature
 OwnSignatures = dict[tuple[str, str, str], str]
 
-_SIGNED_BY = select(
-    _S.target_user_id, _S.target_key_id, _S.signer_key_id, _S.signature
-).where(_S.signer_user_id == bindparam("signer"), any_of(_S.target_user_id, "users"))
+_SIGNED_BY = RawSelect(
+    select(_S.target_user_id, _S.target_key_id, _S.signer_key_id, _S.signature).where(
+        _S.signer_user_id == bindparam("signer"), any_of(_S.target_user_id, "users")
+    )
+)
 
 
 def load_context_txn(
@@ -216,8 +223,8 @@ def load_context_txn(
         devices = get_device_keys_txn(conn, {user_id: device_ids}).get(user_id, {})
     stored = {
         (tu, tk, sk): sig
-        for tu, tk, sk, sig in conn.execute(
-            _SIGNED_BY, {"signer": user_id, "users": sorted({user_id, *other_users})}
+        for tu, tk, sk, sig in _SIGNED_BY.rows(
+            conn, {"signer": user_id, "users": sorted({user_id, *other_users})}
         )
     }
     return cross, devices, stored
