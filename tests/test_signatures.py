@@ -417,6 +417,54 @@ class LifecycleTest(SignatureTestBase):
         self.assertNotIn(alice.user_id, seen.get("signatures", {}))
         self.assertEqual(self.signature_rows(), 0)
 
+    async def _device_with_number(self, user: TestUser) -> dict[str, Any]:
+        """Re-uploads the user's device keys with an extra ``"level": 1``."""
+        keys = {k: v for k, v in user.device_keys().items() if k != "signatures"}
+        keys["level"] = 1
+        keys = sign_json(keys, user.user_id, user.device_key)
+        resp = await self.client.post(
+            KEYS_UPLOAD, {"device_keys": keys}, token=user.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        return keys
+
+    async def test_loosely_equal_object_is_reported_as_different(self) -> None:
+        """An object equal to the stored device keys only as parsed JSON
+        (``true`` for ``1``), signed over its own bytes, is reported as not
+        matching the stored keys, not as a bad signature."""
+        alice = await self.ready_user("alice")
+        stored = await self._device_with_number(alice)
+        uploaded = {**copy.deepcopy(stored), "level": True}
+        failures = await self.sign_upload(
+            alice,
+            {alice.user_id: {alice.device_id: self.ssk_signed_device(alice, uploaded)}},
+        )
+        failure = failures[alice.user_id][alice.device_id]
+        self.assertEqual(failure["errcode"], "M_INVALID_PARAM")
+        self.assertIn("does not match", failure["error"])
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_signature_is_checked_over_the_stored_bytes(self) -> None:
+        """What is verified, and stored, is a signature over the stored key: one
+        over the stored bytes holds even if the object sent spells a number
+        differently, and the stored device keys are served unchanged with it."""
+        alice = await self.ready_user("alice")
+        stored = await self._device_with_number(alice)
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        signature = sig_of(self.ssk_signed_device(alice, stored), alice.user_id, ssk_id)
+        uploaded = {**copy.deepcopy(stored), "level": True}
+        uploaded["signatures"][alice.user_id][ssk_id] = signature
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: uploaded}}
+        )
+        self.assertEqual(failures, {})
+        served = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertEqual(served["level"], 1)
+        self.assertIsNot(served["level"], True)
+        self.assertEqual(sig_of(served, alice.user_id, ssk_id), signature)
+
     async def test_device_reupload_drops_signatures(self) -> None:
         """New device keys for the same device drop the SSK signature on the old ones."""
         alice = await self.ready_user("alice")

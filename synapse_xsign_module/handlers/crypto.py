@@ -45,10 +45,17 @@ def signed_bytes(obj: dict[str, Any]) -> bytes:
 
 
 @functools.lru_cache(maxsize=8192)
+def stored_content(stored_json: str) -> tuple[dict[str, Any], bytes]:
+    """A stored key without ``signatures`` and ``unsigned``, parsed, and its
+    :func:`signed_bytes`; remembered by its JSON text. Callers must not change
+    the object."""
+    obj = strip_signatures(json.loads(stored_json))
+    return obj, canonical_json(obj).encode("utf-8")
+
+
 def stored_signed_bytes(stored_json: str) -> bytes:
-    """:func:`signed_bytes` of a stored key, remembered by its JSON text."""
-    obj: dict[str, Any] = json.loads(stored_json)
-    return signed_bytes(obj)
+    """:func:`signed_bytes` of a stored key (see :func:`stored_content`)."""
+    return stored_content(stored_json)[1]
 
 
 @functools.lru_cache(maxsize=4096)

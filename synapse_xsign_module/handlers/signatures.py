@@ -29,12 +29,13 @@ from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.errors import Codes, bad_json
 from synapse_xsign_module.handlers.crypto import (
     signed_bytes,
-    stored_signed_bytes,
+    stored_content,
     verify_signature,
 )
 from synapse_xsign_module.handlers.validation import require_signatures, server_of
 from synapse_xsign_module.host import Host, Requester
 from synapse_xsign_module.http.base import JsonDict
+from synapse_xsign_module.jsonutil import strip_signatures
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
     SELF_SIGNING,
@@ -71,12 +72,17 @@ class _Check:
         message: the bytes the signature covers.
         public_key: the signing key (unpadded base64).
         pending: the row to store; its ``signature`` is the one to verify.
+        recheck: when the uploaded object was found equal to the stored key as
+            parsed JSON only (``message`` being the stored key's bytes), the
+            object and what it stands for: if the signature fails, its own
+            bytes tell whether it differs from the stored key after all.
     """
 
     item: tuple[str, str]
     message: bytes
     public_key: str
     pending: PendingSignature
+    recheck: tuple[dict[str, Any], str] | None = None
 
 
 def _mentioned_devices(me: str, own_items: dict[str, Any]) -> list[str]:
@@ -100,16 +106,35 @@ def _device_ed25519(device_json: str, device_id: str) -> str | None:
     return None
 
 
-def _same_content(obj: dict[str, Any], stored_json: str, what: str) -> bytes:
-    """The signed bytes of ``obj``, which must be those of the stored key."""
-    message = signed_bytes(obj)
-    if message != stored_signed_bytes(stored_json):
-        raise ItemFailure(
-            Codes.INVALID_PARAM,
-            f"The signed object does not match the stored {what} (apart from "
-            "'signatures' and 'unsigned')",
-        )
-    return message
+def _mismatch(what: str) -> ItemFailure:
+    return ItemFailure(
+        Codes.INVALID_PARAM,
+        f"The signed object does not match the stored {what} (apart from "
+        "'signatures' and 'unsigned')",
+    )
+
+
+def _same_content(
+    obj: dict[str, Any], stored_json: str, what: str
+) -> tuple[bytes, tuple[dict[str, Any], str] | None]:
+    """The signed bytes of the stored key, which ``obj`` must match.
+
+    Comparing parsed objects is much cheaper than making ``obj``'s canonical
+    JSON, and the signature is then checked over the stored key's bytes, so
+    what is stored is exactly what was verified. Parsed equality is looser than
+    equal bytes (``1 == 1.0 == True``): such an object's own bytes are made
+    only if its signature fails, to report the mismatch rather than a bad
+    signature (see :attr:`_Check.recheck`).
+
+    Returns:
+        The bytes the signature must cover, and what to recheck on failure.
+    """
+    stored_obj, message = stored_content(stored_json)
+    if strip_signatures(obj) == stored_obj:
+        return message, (obj, what)
+    if signed_bytes(obj) != message:
+        raise _mismatch(what)
+    return message, None
 
 
 class SignatureHandler:
@@ -213,13 +238,20 @@ class SignatureHandler:
             != c.pending.signature
         ]
         bad_items = await self._verify(checks)
+        mismatched = {
+            c.item: c.recheck[1]
+            for c in checks
+            if c.item in bad_items
+            and c.recheck is not None
+            and signed_bytes(c.recheck[0]) != c.message
+        }
         for target_user, key_id in sorted(bad_items):
-            fail(
-                target_user,
-                key_id,
-                Codes.INVALID_SIGNATURE,
-                "Invalid signature",
-            )
+            what = mismatched.get((target_user, key_id))
+            if what is not None:
+                mismatch = _mismatch(what)
+                fail(target_user, key_id, mismatch.errcode, mismatch.error)
+            else:
+                fail(target_user, key_id, Codes.INVALID_SIGNATURE, "Invalid signature")
         pending = [c for c in checks if c.item not in bad_items]
         stale = await self._store.store(
             [c.pending for c in pending], self._clock.time_msec()
@@ -263,7 +295,9 @@ class SignatureHandler:
                 raise ItemFailure(
                     Codes.NOT_FOUND, f"No self-signing key found for {me}"
                 )
-            message = _same_content(obj, my_devices[key_id], f"keys of device {key_id}")
+            message, recheck = _same_content(
+                obj, my_devices[key_id], f"keys of device {key_id}"
+            )
             signer_key_id = f"ed25519:{ssk.public_key}"
             if not isinstance(
                 obj.get("signatures", {}).get(me, {}).get(signer_key_id), str
@@ -286,6 +320,7 @@ class SignatureHandler:
                         Basis(me, SELF_SIGNING, ssk.public_key, ssk.key_json),
                         Basis(me, "device", key_id, my_devices[key_id]),
                     ),
+                    recheck,
                 )
             ]
         if master is None:
@@ -307,7 +342,7 @@ class SignatureHandler:
         master_json: str,
         my_devices: dict[str, str],
     ) -> list[_Check]:
-        message = _same_content(obj, master_json, "master key")
+        message, recheck = _same_content(obj, master_json, "master key")
         sigs = obj.get("signatures", {}).get(me, {})
         stored_sigs = json.loads(master_json).get("signatures", {}).get(me, {})
         checks = []
@@ -336,6 +371,7 @@ class SignatureHandler:
                         Basis(me, "device", device_id, my_devices[device_id]),
                         Basis(me, MASTER, key_id, master_json),
                     ),
+                    recheck,
                 )
             )
         if not checks:
@@ -373,7 +409,9 @@ class SignatureHandler:
                 f"Unknown key {key_id}: only the current master key of "
                 f"{target_user} can be signed",
             )
-        message = _same_content(obj, master.key_json, f"master key of {target_user}")
+        message, recheck = _same_content(
+            obj, master.key_json, f"master key of {target_user}"
+        )
         signer_key_id = f"ed25519:{usk.public_key}"
         sig = obj.get("signatures", {}).get(me, {}).get(signer_key_id)
         if not isinstance(sig, str):
@@ -395,6 +433,7 @@ class SignatureHandler:
                     Basis(me, USER_SIGNING, usk.public_key, usk.key_json),
                     Basis(target_user, MASTER, key_id, master.key_json),
                 ),
+                recheck,
             )
         ]
 
