@@ -26,7 +26,7 @@ from twisted.trial import unittest
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.storage.database import Database, is_retryable
 from synapse_xsign_module.storage.schema import host_users
-from synapse_xsign_module.storage.util import RawSelect, any_of
+from synapse_xsign_module.storage.util import RawStatement, any_of, upsert
 from tests.utils import capture_logs, prepare_database, remove_sqlite, test_db_url
 
 BUSY_TIMEOUT_MS = 1234
@@ -341,8 +341,8 @@ class AnyOfTest(DatabaseTestCase):
         self.assertEqual(everyone, sorted(names))
 
 
-class RawSelectTest(DatabaseTestCase):
-    """storage.util.RawSelect: the same rows as SQLAlchemy, from the driver."""
+class RawStatementTest(DatabaseTestCase):
+    """storage.util.RawStatement: the same rows as SQLAlchemy, from the driver."""
 
     async def test_rows_match_sqlalchemy(self) -> None:
         """Named parameters, a StringList and the statement's own literals are
@@ -354,7 +354,7 @@ class RawSelectTest(DatabaseTestCase):
             .where(t.is_admin.is_(False), t.user_id != "@hidden:x")
             .order_by(t.user_id)
         )
-        raw = RawSelect(stmt)
+        raw = RawStatement(stmt)
         rows = [
             {"user_id": n, "created_ts": ts, "is_admin": admin}
             for n, ts, admin in [
@@ -385,7 +385,7 @@ class RawSelectTest(DatabaseTestCase):
         """A failing statement raises SQLAlchemy's DBAPIError (what retries and
         dropping a broken connection look for), and the transaction rolls back."""
         missing = Table("xsign_no_such_table", MetaData(), Column("x", Text))
-        raw = RawSelect(select(missing.c.x).where(missing.c.x == bindparam("x")))
+        raw = RawStatement(select(missing.c.x).where(missing.c.x == bindparam("x")))
 
         def txn(conn: Connection) -> None:
             add_user(conn, "@rolled-back:x")
@@ -394,6 +394,45 @@ class RawSelectTest(DatabaseTestCase):
         with self.assertRaises(DBAPIError):
             await self.db.run("raw", txn)
         self.assertEqual(await self.db.run_read("ids", user_ids), [])
+
+    async def test_execute_many_and_upsert(self) -> None:
+        """execute_many binds each parameter set (only the INSERT's columns;
+        the rest take their defaults); upsert replaces on conflict; a unique
+        violation is SQLAlchemy's IntegrityError and rolls everything back."""
+        t = host_users.c
+        insert = RawStatement(
+            host_users.insert(), column_keys=["user_id", "created_ts"]
+        )
+        rows = [{"user_id": f"@u{i}:x", "created_ts": i} for i in range(3)]
+
+        def txn(conn: Connection) -> list[Any]:
+            insert.execute_many(conn, rows)
+            upsert(
+                conn,
+                host_users,
+                [{"user_id": "@u1:x", "created_ts": 50, "is_admin": True}],
+                ["user_id"],
+                ["created_ts", "is_admin"],
+            )
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    select(t.user_id, t.created_ts, t.is_admin).order_by(t.user_id)
+                )
+            ]
+
+        self.assertEqual(
+            await self.db.run("many", txn),
+            [("@u0:x", 0, False), ("@u1:x", 50, True), ("@u2:x", 2, False)],
+        )
+
+        def duplicate(conn: Connection) -> None:
+            insert.execute_many(conn, [{"user_id": "@new:x", "created_ts": 1}])
+            insert.execute_many(conn, rows[:1])
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("dup", duplicate)
+        self.assertNotIn("@new:x", await self.db.run_read("ids", user_ids))
 
 
 class ConnectionReuseTest(DatabaseTestCase):

@@ -24,7 +24,7 @@ from synapse_xsign_module.storage.schema import (
     replacement_grants,
     signatures,
 )
-from synapse_xsign_module.storage.util import RawSelect, any_of, lock_users
+from synapse_xsign_module.storage.util import RawStatement, any_of, lock_users
 
 MASTER = "master"
 SELF_SIGNING = "self_signing"
@@ -70,13 +70,13 @@ class KeyIdInUse(Exception):
 
 
 _CK = cross_signing_keys.c
-_CURRENT_OF_USERS = RawSelect(
+_CURRENT_OF_USERS = RawStatement(
     select(
         _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
     ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
 )
 # The same, without the user-signing keys of anyone but the requester.
-_CURRENT_VISIBLE = RawSelect(
+_CURRENT_VISIBLE = RawStatement(
     select(
         _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
     ).where(
@@ -115,7 +115,7 @@ def get_visible_current_txn(
 
 
 def _current_keys(
-    conn: Connection, stmt: RawSelect, params: dict[str, Any]
+    conn: Connection, stmt: RawStatement, params: dict[str, Any]
 ) -> CurrentKeys:
     result: CurrentKeys = defaultdict(dict)
     for u, kt, pub, kj, ts in stmt.rows(conn, params):

@@ -38,7 +38,7 @@ from synapse_xsign_module.storage.schema import (
 )
 from synapse_xsign_module.storage.util import (
     MAX_PARAMS,
-    RawSelect,
+    RawStatement,
     any_of,
     chunks,
     lock_users,
@@ -337,10 +337,10 @@ def count_one_time_keys_txn(
 MANY_DEVICES = 32
 
 _DK = device_keys.c
-_KEYS_OF_USERS = RawSelect(
+_KEYS_OF_USERS = RawStatement(
     select(_DK.user_id, _DK.device_id, _DK.key_json).where(any_of(_DK.user_id, "users"))
 )
-_KEYS_OF_USER = RawSelect(
+_KEYS_OF_USER = RawStatement(
     select(_DK.device_id, _DK.key_json).where(_DK.user_id == bindparam("user"))
 )
 

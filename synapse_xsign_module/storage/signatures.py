@@ -18,7 +18,7 @@ from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.device_keys import get_device_keys_txn
 from synapse_xsign_module.storage.schema import signatures
 from synapse_xsign_module.storage.util import (
-    RawSelect,
+    RawStatement,
     any_of,
     lock_users,
     upsert,
@@ -173,13 +173,13 @@ _SIGNATURE_COLUMNS = (
     _S.signature,
 )
 # Signatures a user made over their own keys: seen by everyone.
-_OWN_SIGNATURES = RawSelect(
+_OWN_SIGNATURES = RawStatement(
     select(*_SIGNATURE_COLUMNS).where(
         any_of(_S.target_user_id, "users"), _S.signer_user_id == _S.target_user_id
     )
 )
 # ... and those the requester made (with the user-signing key).
-_VISIBLE_SIGNATURES = RawSelect(
+_VISIBLE_SIGNATURES = RawStatement(
     select(*_SIGNATURE_COLUMNS).where(
         any_of(_S.target_user_id, "users"),
         or_(
@@ -193,7 +193,7 @@ _VISIBLE_SIGNATURES = RawSelect(
 #: (target user, target key id, signer key id) -> signature
 OwnSignatures = dict[tuple[str, str, str], str]
 
-_SIGNED_BY = RawSelect(
+_SIGNED_BY = RawStatement(
     select(_S.target_user_id, _S.target_key_id, _S.signer_key_id, _S.signature).where(
         _S.signer_user_id == bindparam("signer"), any_of(_S.target_user_id, "users")
     )

@@ -49,35 +49,39 @@ def upsert(
     Args:
         conn: the connection of the current transaction.
         table: the table.
-        rows: the rows, all with the same keys.
+        rows: the rows, all with the same keys (in the same order).
         key_columns: the columns of the unique key that conflicts.
         update_columns: the columns to overwrite on conflict.
     """
     if not rows:
         return
-    # One statement object per shape (SQLAlchemy caches its compiled form),
-    # executed for many rows: SQLAlchemy batches them (insertmanyvalues /
-    # executemany) instead of compiling a new VALUES list.
-    conn.execute(
-        _upsert_statement(
-            conn.dialect.name, table, tuple(key_columns), tuple(update_columns)
-        ),
-        rows,
-    )
+    # One statement per shape, compiled once and run by the driver's
+    # executemany: no new VALUES list per call, no per-row work in SQLAlchemy.
+    _upsert_statement(
+        conn.dialect.name,
+        table,
+        tuple(rows[0]),
+        tuple(key_columns),
+        tuple(update_columns),
+    ).execute_many(conn, rows)
 
 
 @functools.lru_cache(maxsize=64)
 def _upsert_statement(
     dialect_name: str,
     table: Table,
+    columns: tuple[str, ...],
     key_columns: tuple[str, ...],
     update_columns: tuple[str, ...],
-) -> Any:
+) -> RawStatement:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     stmt = dialect.insert(table)
-    return stmt.on_conflict_do_update(
-        index_elements=list(key_columns),
-        set_={c: stmt.excluded[c] for c in update_columns},
+    return RawStatement(
+        stmt.on_conflict_do_update(
+            index_elements=list(key_columns),
+            set_={c: stmt.excluded[c] for c in update_columns},
+        ),
+        column_keys=columns,
     )
 
 
@@ -89,27 +93,31 @@ class _RawCompiled(NamedTuple):
     constants: dict[str, Any]
 
 
-class RawSelect:
-    """A prebuilt SELECT whose rows come straight from the driver's cursor.
+class RawStatement:
+    """A prebuilt statement run straight on the driver's cursor.
 
     SQLAlchemy compiles the statement once per dialect (the SQL it would send
-    itself, casts included); each run binds the parameters, applies the bind
-    types' conversions (a :class:`StringList` becomes JSON text on SQLite) and
-    fetches every row as a plain tuple. For reads of hundreds of rows this
-    skips SQLAlchemy's per-row result machinery, which costs several times
-    what the driver does. Only for columns the driver returns as they are
-    stored (text and integers): no result conversions are applied.
+    itself, casts included); each run binds the parameters and applies the
+    bind types' conversions (a :class:`StringList` becomes JSON text on
+    SQLite). :meth:`rows` fetches every row as a plain tuple, and
+    :meth:`execute_many` runs the statement once per parameter set. For
+    hundreds of rows this skips SQLAlchemy's per-row work (parameter sets in,
+    result rows out), which costs several times what the driver does. Rows
+    get no result conversions: only for columns the driver returns as they
+    are stored (text and integers).
 
     Args:
         stmt: the statement; its bound parameters are all named.
+        column_keys: for an INSERT, the columns each parameter set gives.
     """
 
-    def __init__(self, stmt: Any) -> None:
+    def __init__(self, stmt: Any, column_keys: Sequence[str] | None = None) -> None:
         self._stmt = stmt
+        self._column_keys = list(column_keys) if column_keys is not None else None
         self._compiled: dict[str, _RawCompiled] = {}
 
     def _compile(self, dialect: Dialect) -> _RawCompiled:
-        compiled = self._stmt.compile(dialect=dialect)
+        compiled = self._stmt.compile(dialect=dialect, column_keys=self._column_keys)
         processors = {}
         constants = {}
         for name, bind in compiled.binds.items():
@@ -126,22 +134,45 @@ class RawSelect:
         self._compiled[dialect.name] = entry
         return entry
 
+    def _entry(self, conn: Connection) -> _RawCompiled:
+        entry = self._compiled.get(conn.dialect.name)
+        return entry if entry is not None else self._compile(conn.dialect)
+
+    @staticmethod
+    def _bind(entry: _RawCompiled, params: dict[str, Any]) -> Any:
+        values = dict(entry.constants)
+        for k, v in params.items():
+            processor = entry.processors.get(k)
+            values[k] = processor(v) if processor is not None else v
+        if entry.order is None:
+            return values
+        return tuple(values[k] for k in entry.order)
+
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """Run the statement in ``conn``'s transaction; every row as a tuple."""
-        entry = self._compiled.get(conn.dialect.name)
-        if entry is None:
-            entry = self._compile(conn.dialect)
-        sql, order, processors, constants = entry
-        values = dict(constants)
-        for k, v in params.items():
-            processor = processors.get(k)
-            values[k] = processor(v) if processor is not None else v
-        bound: Any = tuple(values[k] for k in order) if order is not None else values
+        entry = self._entry(conn)
+        bound = self._bind(entry, params)
+        rows: list[Any] = self._run(conn, entry.sql, bound, many=False)
+        return rows
+
+    def execute_many(self, conn: Connection, params: list[dict[str, Any]]) -> None:
+        """Run the statement once for each parameter set, in ``conn``'s
+        transaction (the driver's ``executemany``)."""
+        if params:
+            entry = self._entry(conn)
+            bound = [self._bind(entry, p) for p in params]
+            self._run(conn, entry.sql, bound, many=True)
+
+    @staticmethod
+    def _run(conn: Connection, sql: str, bound: Any, many: bool) -> Any:
         driver_error = conn.dialect.loaded_dbapi.Error
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
+            if many:
+                cursor.executemany(sql, bound)
+                return None
             cursor.execute(sql, bound)
-            rows: list[Any] = cursor.fetchall()
+            return cursor.fetchall()
         except driver_error as e:
             # Wrapped as SQLAlchemy would: retries and dropping a broken
             # connection look for its exception classes.
@@ -150,7 +181,6 @@ class RawSelect:
             ) from e
         finally:
             cursor.close()
-        return rows
 
 
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
