@@ -19,9 +19,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
-import attr
+from typing import Any, NamedTuple
 
 from twisted.python.threadpool import ThreadPool
 
@@ -63,8 +61,7 @@ class ItemFailure(Exception):
         self.error = error
 
 
-@attr.s(frozen=True, auto_attribs=True, slots=True)
-class _Check:
+class _Check(NamedTuple):
     """A signature to verify, and what to store when it holds.
 
     Attributes:

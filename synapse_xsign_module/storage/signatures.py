@@ -7,8 +7,8 @@ signing the same target with the same key again replaces the signature.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
-import attr
 from sqlalchemy import Connection, bindparam, or_, select
 
 from twisted.internet import defer
@@ -28,8 +28,7 @@ from synapse_xsign_module.storage.util import (
 VisibleSignatures = dict[tuple[str, str], list[tuple[str, str, str]]]
 
 
-@attr.s(frozen=True, auto_attribs=True, slots=True)
-class Basis:
+class Basis(NamedTuple):
     """What a signature was checked against; it must still hold when stored.
 
     Attributes:
@@ -45,8 +44,7 @@ class Basis:
     key_json: str
 
 
-@attr.s(frozen=True, auto_attribs=True, slots=True)
-class PendingSignature:
+class PendingSignature(NamedTuple):
     """A verified signature waiting to be stored.
 
     Attributes:
