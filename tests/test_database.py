@@ -398,7 +398,8 @@ class RawStatementTest(DatabaseTestCase):
     async def test_execute_many_and_upsert(self) -> None:
         """execute_many binds each parameter set (only the INSERT's columns;
         the rest take their defaults); upsert replaces on conflict; a unique
-        violation is SQLAlchemy's IntegrityError and rolls everything back."""
+        violation is SQLAlchemy's IntegrityError and rolls everything back;
+        execute tells how many rows a statement changed."""
         t = host_users.c
         insert = RawStatement(
             host_users.insert(), column_keys=["user_id", "created_ts"]
@@ -433,6 +434,19 @@ class RawStatementTest(DatabaseTestCase):
         with self.assertRaises(IntegrityError):
             await self.db.run("dup", duplicate)
         self.assertNotIn("@new:x", await self.db.run_read("ids", user_ids))
+
+        delete_since = RawStatement(
+            host_users.delete().where(t.created_ts >= bindparam("since"))
+        )
+
+        def delete(conn: Connection) -> tuple[int, int]:
+            return (
+                delete_since.execute(conn, {"since": 2}),
+                delete_since.execute(conn, {"since": 2}),
+            )
+
+        self.assertEqual(await self.db.run("delete", delete), (2, 0))
+        self.assertEqual(await self.db.run_read("ids", user_ids), ["@u0:x"])
 
 
 class ConnectionReuseTest(DatabaseTestCase):

@@ -136,35 +136,52 @@ def _drop_invalidated_signatures(
         new.get("keys") or {}
     ).get(key_id)
     if over:
-        conn.execute(_DELETE_SIGNATURES_OVER, {"user": user_id, "key": device_id})
+        _DELETE_SIGNATURES_OVER.execute(conn, {"user": user_id, "key": device_id})
     if by:
-        conn.execute(_DELETE_SIGNATURES_BY, {"user": user_id, "key": key_id})
+        _DELETE_SIGNATURES_BY.execute(conn, {"user": user_id, "key": key_id})
 
 
-_DELETE_SIGNATURES_OVER = delete(signatures).where(
-    signatures.c.target_user_id == bindparam("user"),
-    signatures.c.target_key_id == bindparam("key"),
+_DELETE_SIGNATURES_OVER = RawStatement(
+    delete(signatures).where(
+        signatures.c.target_user_id == bindparam("user"),
+        signatures.c.target_key_id == bindparam("key"),
+    )
 )
-_DELETE_SIGNATURES_BY = delete(signatures).where(
-    signatures.c.signer_user_id == bindparam("user"),
-    signatures.c.signer_key_id == bindparam("key"),
+_DELETE_SIGNATURES_BY = RawStatement(
+    delete(signatures).where(
+        signatures.c.signer_user_id == bindparam("user"),
+        signatures.c.signer_key_id == bindparam("key"),
+    )
 )
 
 
 # Statements of the upload path, built once (SQLAlchemy caches their SQL).
-_DEVICE_KEY_JSON = select(device_keys.c.key_json).where(
-    device_keys.c.user_id == bindparam("user"),
-    device_keys.c.device_id == bindparam("device"),
+# Statements of the upload path, compiled once and run on the driver's cursor.
+_DEVICE_KEY_JSON = RawStatement(
+    select(device_keys.c.key_json).where(
+        device_keys.c.user_id == bindparam("user"),
+        device_keys.c.device_id == bindparam("device"),
+    )
 )
-_OTKS_BY_KEY_ID = select(
-    one_time_keys.c.algorithm, one_time_keys.c.key_id, one_time_keys.c.key_json
-).where(
-    one_time_keys.c.user_id == bindparam("user"),
-    one_time_keys.c.device_id == bindparam("device"),
-    any_of(one_time_keys.c.key_id, "key_ids"),
+_OTKS_BY_KEY_ID = RawStatement(
+    select(
+        one_time_keys.c.algorithm, one_time_keys.c.key_id, one_time_keys.c.key_json
+    ).where(
+        one_time_keys.c.user_id == bindparam("user"),
+        one_time_keys.c.device_id == bindparam("device"),
+        any_of(one_time_keys.c.key_id, "key_ids"),
+    )
 )
-_OTK_INSERT = one_time_keys.insert()
-_OTK_COUNTS = (
+_OTK_COLUMNS = (
+    "user_id",
+    "device_id",
+    "algorithm",
+    "key_id",
+    "key_json",
+    "ts_added_ms",
+)
+_OTK_INSERT = RawStatement(one_time_keys.insert(), column_keys=_OTK_COLUMNS)
+_OTK_COUNTS = RawStatement(
     select(one_time_keys.c.algorithm, func.count())
     .where(
         one_time_keys.c.user_id == bindparam("user"),
@@ -196,9 +213,8 @@ def upload_txn(
     changed = False
     if new_device_keys is not None:
         new_json = canonical_json(new_device_keys)
-        old_json = conn.execute(
-            _DEVICE_KEY_JSON, {"user": user_id, "device": device_id}
-        ).scalar()
+        found = _DEVICE_KEY_JSON.rows(conn, {"user": user_id, "device": device_id})
+        old_json = found[0][0] if found else None
         if old_json != new_json:
             changed = True
             upsert(
@@ -221,8 +237,8 @@ def upload_txn(
 
     if otks:
         existing: dict[tuple[str, str], str] = {}
-        rows = conn.execute(
-            _OTKS_BY_KEY_ID,
+        rows = _OTKS_BY_KEY_ID.rows(
+            conn,
             {
                 "user": user_id,
                 "device": device_id,
@@ -257,7 +273,7 @@ def upload_txn(
                 }
             )
         if to_insert:
-            conn.execute(_OTK_INSERT, to_insert)
+            _OTK_INSERT.execute_many(conn, to_insert)
 
     for fb in fallbacks:
         old_fb = conn.execute(
@@ -327,7 +343,7 @@ def count_one_time_keys_txn(
     conn: Connection, user_id: str, device_id: str
 ) -> dict[str, int]:
     """Unclaimed one-time keys of a device, per algorithm."""
-    rows = conn.execute(_OTK_COUNTS, {"user": user_id, "device": device_id})
+    rows = _OTK_COUNTS.rows(conn, {"user": user_id, "device": device_id})
     return {alg: int(n) for alg, n in rows}
 
 

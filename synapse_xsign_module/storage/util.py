@@ -99,8 +99,9 @@ class RawStatement:
     SQLAlchemy compiles the statement once per dialect (the SQL it would send
     itself, casts included); each run binds the parameters and applies the
     bind types' conversions (a :class:`StringList` becomes JSON text on
-    SQLite). :meth:`rows` fetches every row as a plain tuple, and
-    :meth:`execute_many` runs the statement once per parameter set. For
+    SQLite). :meth:`rows` fetches every row as a plain tuple,
+    :meth:`execute` runs a statement that returns none, and
+    :meth:`execute_many` runs it once per parameter set. For
     hundreds of rows this skips SQLAlchemy's per-row work (parameter sets in,
     result rows out), which costs several times what the driver does. Rows
     get no result conversions: only for columns the driver returns as they
@@ -155,6 +156,12 @@ class RawStatement:
         rows: list[Any] = self._run(conn, entry.sql, bound, many=False)
         return rows
 
+    def execute(self, conn: Connection, params: dict[str, Any]) -> int:
+        """Run a statement that returns no rows; the number of rows it changed."""
+        entry = self._entry(conn)
+        count: int = self._run(conn, entry.sql, self._bind(entry, params), many=None)
+        return count
+
     def execute_many(self, conn: Connection, params: list[dict[str, Any]]) -> None:
         """Run the statement once for each parameter set, in ``conn``'s
         transaction (the driver's ``executemany``)."""
@@ -164,7 +171,9 @@ class RawStatement:
             self._run(conn, entry.sql, bound, many=True)
 
     @staticmethod
-    def _run(conn: Connection, sql: str, bound: Any, many: bool) -> Any:
+    def _run(conn: Connection, sql: str, bound: Any, many: bool | None) -> Any:
+        """``many``: True for executemany, False to fetch rows, None for the
+        row count of a statement that returns none."""
         driver_error = conn.dialect.loaded_dbapi.Error
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -172,7 +181,7 @@ class RawStatement:
                 cursor.executemany(sql, bound)
                 return None
             cursor.execute(sql, bound)
-            return cursor.fetchall()
+            return cursor.rowcount if many is None else cursor.fetchall()
         except driver_error as e:
             # Wrapped as SQLAlchemy would: retries and dropping a broken
             # connection look for its exception classes.
