@@ -74,6 +74,12 @@ class JsonClient:
         if url.scheme == "http" and url.hostname:
             self._wire = WirePool(url.hostname, url.port or 80, REQUEST_TIMEOUT)
 
+    async def open_connections(self, n: int) -> None:
+        """Keep at least ``n`` connections open (plain-HTTP targets): requests
+        rotate over all of them, as many clients' would."""
+        if self._wire is not None:
+            await self._wire.open(n)
+
     async def request(
         self,
         method: str,

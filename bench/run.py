@@ -41,6 +41,10 @@ from bench.server import EmbeddedServer, redact_url
 from bench.settings import ALL_WORKLOADS, FULL, QUICK, Settings
 from bench.workloads import WORKLOADS, sizes_of
 
+#: Keep-alive connections each cell's requests rotate over (at least 4 per
+#: request in flight).
+MIN_CONNECTIONS = 32
+
 EPILOG = """\
 targets:
   By default the bench starts the embedded host itself (synapse-xsign run on a
@@ -379,6 +383,9 @@ class Run:
             )
             workload.begin_cell(c)
             try:
+                # The kernel gives each connection to one process of a
+                # `--workers` server: over many connections the share evens out.
+                await target.client.open_connections(max(MIN_CONNECTIONS, 4 * c))
                 stats = await run_cell(
                     target.client, workload, c, s.duration, s.requests, server_pid
                 )

@@ -141,6 +141,25 @@ class WirePool:
         self._all: set[_Connection] = set()
         self._host_header = f"{host}:{port}".encode("ascii")
 
+    async def open(self, n: int) -> None:
+        """Have at least ``n`` kept connections: idle ones are reused first."""
+        usable = [c for c in self._idle if c.usable and c.transport is not None]
+        missing = n - len(usable)
+        if missing <= 0:
+            return
+        r: Any = reactor
+        endpoint = TCP4ClientEndpoint(r, self._host, self._port, timeout=30)
+        new = await defer.gatherResults(
+            [
+                defer.ensureDeferred(connectProtocol(endpoint, _Connection()))
+                for _ in range(missing)
+            ],
+            consumeErrors=True,
+        )
+        for conn in new:
+            self._all.add(conn)
+            self._idle.append(conn)
+
     async def _connection(self) -> _Connection:
         # First in, first out: requests rotate over every kept connection, and
         # so over every process of a server whose processes share the port
