@@ -144,16 +144,14 @@ class Identity:
         """The user-signing public key."""
         return public_key(self.user_signing)
 
-    def new_self_signing(self) -> tuple[Any, JsonDict]:
-        """A new self-signing key and its object signed by the master key (not
-        in use until :meth:`use_self_signing`)."""
-        key = new_signing_key()
-        return key, cross_signing_key(self.user_id, SELF_SIGNING, key, self.master)
-
-    def use_self_signing(self, key: Any, obj: JsonDict) -> None:
-        """The server now has this self-signing key."""
-        self.self_signing = key
-        self.objects[SELF_SIGNING] = obj
+    def replace_self_signing(self) -> JsonDict:
+        """A new self-signing key, signed by the master key; returns the
+        ``/keys/device_signing/upload`` body that publishes it."""
+        self.self_signing = new_signing_key()
+        self.objects[SELF_SIGNING] = cross_signing_key(
+            self.user_id, SELF_SIGNING, self.self_signing, self.master
+        )
+        return {"self_signing_key": self.objects[SELF_SIGNING]}
 
     def upload_body(self) -> JsonDict:
         """The ``/keys/device_signing/upload`` body (no ``auth``)."""

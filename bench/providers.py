@@ -12,8 +12,9 @@
   It registers one admin account to open replacement windows.
 
 W4 replaces a user's self-signing key before each request (so every signature
-it sends is new) through the admin API's replacement window, which needs no
-password check.
+it sends is new): on the embedded host (or a Synapse that loads the module)
+inside the module's admin-opened replacement window, on Synapse itself with
+password UIA (Synapse's own window applies only with delegated auth).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from urllib.parse import quote
 from bench.http import JsonClient, JsonDict, RequestFailed
 
 ADMIN_API = "/_synapse/client/xsign/admin/v1"
-#: Synapse's own admin API.
-SYNAPSE_ADMIN_API = "/_synapse/admin/v1"
+
+
 #: The admin endpoint that lets a user replace cross-signing keys without UIA.
 ALLOW_REPLACEMENT = "_allow_cross_signing_replacement_without_uia"
 
@@ -51,7 +52,11 @@ class UserProvider(Protocol):
         """Log ``user_id`` in on ``device_id``; returns the access token."""
 
     async def allow_key_replacement(self, user_id: str) -> None:
-        """Let ``user_id`` replace cross-signing keys without UIA for a while."""
+        """Let ``user_id`` replace cross-signing keys without UIA for a while,
+        where the server offers that."""
+
+    def replacement_auth(self, user_id: str) -> JsonDict | None:
+        """The UIA ``auth`` a key replacement must carry (None: no UIA)."""
 
 
 class EmbeddedAdminProvider:
@@ -141,6 +146,10 @@ class EmbeddedAdminProvider:
             what=f"replacement window for {user_id}",
         )
 
+    def replacement_auth(self, user_id: str) -> JsonDict | None:
+        """None: the replacement window stands in for UIA."""
+        return None
+
 
 def registration_mac(
     secret: str, nonce: str, user: str, password: str, admin: bool
@@ -172,7 +181,8 @@ class SynapseSharedSecretProvider:
         self._secret = shared_secret
         self._password = "bench-" + secrets.token_urlsafe(12)
         self._admin_token = ""
-        self._window_api: str | None = None
+        #: Whether the module's replacement window works (None: not known yet).
+        self._window: bool | None = None
         self.server_name = ""
 
     async def prepare(self) -> None:
@@ -187,7 +197,7 @@ class SynapseSharedSecretProvider:
         return f"@{localpart}:{self.server_name}"
 
     async def _register(self, localpart: str, admin: bool = False) -> JsonDict:
-        path = f"{SYNAPSE_ADMIN_API}/register"
+        path = "/_synapse/admin/v1/register"
         nonce = await self._client.must("GET", path, what="registration nonce")
         body = await self._client.must(
             "POST",
@@ -210,23 +220,29 @@ class SynapseSharedSecretProvider:
         return str((await self._register(localpart))["user_id"])
 
     async def allow_key_replacement(self, user_id: str) -> None:
-        """Open the replacement window: the module's admin API when Synapse
-        loads the module (it serves the upload), else Synapse's own."""
-        user = quote(user_id, safe="")
-        apis = (
-            [self._window_api] if self._window_api else [ADMIN_API, SYNAPSE_ADMIN_API]
+        """Open the module's replacement window when Synapse loads the module
+        (which then serves the upload). Synapse's own window applies only with
+        delegated auth (MAS), so otherwise replacements carry password UIA."""
+        if self._window is False:
+            return
+        answer = await self._client.request(
+            "POST",
+            f"{ADMIN_API}/users/{quote(user_id, safe='')}/{ALLOW_REPLACEMENT}",
+            {},
+            token=self._admin_token,
         )
-        for api in apis:
-            answer = await self._client.request(
-                "POST",
-                f"{api}/users/{user}/{ALLOW_REPLACEMENT}",
-                {},
-                token=self._admin_token,
-            )
-            if answer.code == 200:
-                self._window_api = api
-                return
-        raise RequestFailed(f"no replacement window for {user_id}: {answer.describe()}")
+        self._window = answer.code == 200
+
+    def replacement_auth(self, user_id: str) -> JsonDict | None:
+        """Password UIA in the request itself (Synapse starts the session and
+        completes the stage at once), unless the module's window is open."""
+        if self._window:
+            return None
+        return {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user_id},
+            "password": self._password,
+        }
 
     async def login(self, user_id: str, device_id: str) -> str:
         """Password login on ``device_id``."""

@@ -34,20 +34,13 @@ MAX_BATCH = 20000
 
 @attr.s(auto_attribs=True, slots=True, frozen=True)
 class Unit:
-    """One prepared request: POST ``raw`` to ``path`` as ``token``.
-
-    ``before``, if set, is sent first by the same worker and must pass its own
-    check; it is not counted or timed as a request of the cell, but its time
-    is part of the cell's (W4: replacing the self-signing key whose new
-    signatures the unit then sends).
-    """
+    """One prepared request: POST ``raw`` to ``path`` as ``token``."""
 
     path: str
     token: str
     raw: bytes
     check: Check
     tag: Any = None
-    before: Unit | None = None
 
 
 class UnitSource:
@@ -70,23 +63,6 @@ class QueueSource(UnitSource):
         if not self._units:
             return None
         unit = self._units.popleft()
-        self.taken.append(unit)
-        return unit
-
-
-class WorkerQueues(UnitSource):
-    """Worker ``w`` takes the units of its own list, each once, in order."""
-
-    def __init__(self, per_worker: list[list[Unit]]) -> None:
-        self._queues = [deque(units) for units in per_worker]
-        self.taken: list[Unit] = []
-
-    def take(self, worker: int) -> Unit | None:
-        """The worker's next unit, or None when its list is done."""
-        queue = self._queues[worker % len(self._queues)]
-        if not queue:
-            return None
-        unit = queue.popleft()
         self.taken.append(unit)
         return unit
 
@@ -136,16 +112,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-async def _send_before(client: JsonClient, unit: Unit) -> str | None:
-    """Send a unit's preliminary request; what went wrong, or None."""
-    try:
-        answer = await client.request("POST", unit.path, token=unit.token, raw=unit.raw)
-    except Exception as e:  # counted as an error of the unit
-        return f"before: {type(e).__name__}: {e}"
-    problem = unit.check(answer)
-    return None if problem is None else f"before: {problem}"
-
-
 async def _segment(
     client: JsonClient,
     source: UnitSource,
@@ -164,11 +130,6 @@ async def _segment(
             if unit is None:
                 return
             stats.sent += 1
-            if unit.before is not None:
-                problem = await _send_before(client, unit.before)
-                if problem is not None:
-                    stats.error(problem)
-                    continue
             try:
                 answer = await client.request(
                     "POST", unit.path, token=unit.token, raw=unit.raw

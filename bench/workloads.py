@@ -31,17 +31,9 @@ from bench.keys import (
     add_signature,
     make_device_keys,
     make_one_time_keys,
-    public_key,
     verify_key,
 )
-from bench.runner import (
-    CycleSource,
-    Feed,
-    QueueSource,
-    Unit,
-    UnitSource,
-    WorkerQueues,
-)
+from bench.runner import CycleSource, Feed, QueueSource, Unit, UnitSource
 from bench.settings import Settings
 from bench.verify import Expect, Problems
 
@@ -318,13 +310,11 @@ def _expect_no_failures(answer: Answer) -> str | None:
 class W4SignOwnDevices(Workload):
     """The self-signing key signs K of the user's own devices.
 
-    Every request carries new signatures: just before it, the same worker
-    replaces its user's self-signing key (a small request inside an
-    admin-opened replacement window, not counted as a request of the cell but
-    inside its time), so the server must verify all K. Signing the same devices
-    with the same key again would send identical (ed25519 is deterministic)
-    signatures, which a server may recognise as already stored and not verify
-    at all.
+    Every request carries new signatures: before each one (not timed) the
+    user's self-signing key is replaced (inside an admin-opened replacement
+    window, or with password UIA on Synapse), so the server must verify all K. Signing the same devices with the
+    same key again would send identical (ed25519 is deterministic) signatures,
+    which a server may recognise as already stored and not verify at all.
     """
 
     key = "W4"
@@ -360,78 +350,63 @@ class W4SignOwnDevices(Workload):
         self._signed: dict[str, str] = {}
 
     def first_batch(self, concurrency: int) -> int:
-        """A few requests per worker."""
-        return 4 * concurrency
+        """One request per worker (each user has one new key at a time)."""
+        return concurrency
 
     async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
-        """``n`` requests, spread over the workers' users: each is a new SSK
-        (sent first, as the unit's ``before``) and the user's first K devices
-        signed with it. The replacement window is opened once per user."""
+        """A new SSK for up to ``n`` of the cell's users, then one request each
+        that signs the user's first K devices with it."""
         assert n is not None
-        users = self._used
-        per_user = max(1, math.ceil(n / len(users)))
+        users = self._used[: max(1, min(n, len(self._used)))]
         target = self.target
         k = self.items_per_request
-        await target.gather(
-            users, lambda u: target.provider.allow_key_replacement(u.user_id)
-        )
 
-        def make() -> list[list[tuple[Any, JsonDict, bytes, bytes]]]:
+        async def replace(user: BenchUser) -> None:
+            assert user.identity is not None
+            body = user.identity.replace_self_signing()
+            target.book.add_identity(user.identity)
+            await target.provider.allow_key_replacement(user.user_id)
+            auth = target.provider.replacement_auth(user.user_id)
+            if auth is not None:
+                body["auth"] = auth
+            answer = await target.client.must(
+                "POST",
+                f"{KEYS}/device_signing/upload",
+                body,
+                token=user.token,
+                what=f"new self-signing key for {user.user_id}",
+            )
+            if answer != {}:
+                raise RequestFailed(f"device_signing/upload answered {answer}")
+
+        await target.gather(users, replace)
+
+        def make() -> list[bytes]:
             out = []
             for user in users:
-                identity = user.identity
-                assert identity is not None
-                mine = []
-                for _ in range(per_user):
-                    key, obj = identity.new_self_signing()
-                    body = {
-                        user.user_id: {
-                            d.device_id: add_signature(d.keys or {}, user.user_id, key)
-                            for d in user.devices[:k]
-                        }
+                assert user.identity is not None
+                ssk = user.identity.self_signing
+                body = {
+                    user.user_id: {
+                        d.device_id: add_signature(d.keys or {}, user.user_id, ssk)
+                        for d in user.devices[:k]
                     }
-                    mine.append(
-                        (key, obj, encode({"self_signing_key": obj}), encode(body))
-                    )
-                out.append(mine)
+                }
+                out.append(encode(body))
             return out
 
-        made = await in_thread(make)
-        ssk_path = f"{KEYS}/device_signing/upload"
-        return WorkerQueues(
+        bodies = await in_thread(make)
+        return QueueSource(
             [
-                [
-                    Unit(
-                        self.path,
-                        user.token,
-                        raw,
-                        self._signed_check(user, public_key(key)),
-                        user,
-                        Unit(
-                            ssk_path,
-                            user.token,
-                            ssk_raw,
-                            self._ssk_check(user, key, obj),
-                        ),
-                    )
-                    for key, obj, ssk_raw, raw in mine
-                ]
-                for user, mine in zip(users, made, strict=True)
+                Unit(self.path, u.token, raw, self._checker(u), u)
+                for u, raw in zip(users, bodies, strict=True)
             ]
         )
 
-    def _ssk_check(self, user: BenchUser, key: Any, obj: JsonDict) -> Any:
-        def check(answer: Answer) -> str | None:
-            if answer.code != 200 or answer.body != {}:
-                return _bad(answer, "device_signing/upload (new SSK)")
-            assert user.identity is not None
-            user.identity.use_self_signing(key, obj)
-            self.target.book.add_identity(user.identity)
-            return None
+    def _checker(self, user: BenchUser) -> Any:
+        assert user.identity is not None
+        ssk_pub = user.identity.ssk_pub
 
-        return check
-
-    def _signed_check(self, user: BenchUser, ssk_pub: str) -> Any:
         def check(answer: Answer) -> str | None:
             problem = _expect_no_failures(answer)
             if problem is None:
