@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -13,8 +14,13 @@ _USER_ID_RE = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=65536)
 def server_of(user_id: str) -> str | None:
-    """The server name of a user id, or None if it is not a valid user id."""
+    """The server name of a user id, or None if it is not a valid user id.
+
+    Remembered: the same user ids come back in request after request (a
+    ``/keys/query`` of hundreds of users checks every one).
+    """
     if len(user_id) > 255 or not _USER_ID_RE.match(user_id):
         return None
     return user_id.split(":", 1)[1]
