@@ -7,6 +7,7 @@ from typing import Any
 
 from signedjson.key import get_verify_key
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
+from unpaddedbase64 import encode_base64
 
 from twisted.trial import unittest
 
@@ -104,3 +105,35 @@ class SignedBytesTest(unittest.TestCase):
         a = signed_bytes({"n": 1})
         b = signed_bytes({"n": 1.0})
         self.assertNotEqual(a, b)
+
+
+class SodiumPathTest(unittest.TestCase):
+    """The direct libsodium call and PyNaCl's VerifyKey.verify agree."""
+
+    def cases(self) -> list[tuple[bytes, str, str, bool]]:
+        """(message, signature, public key, valid?) over short and long messages."""
+        out = []
+        for size in (0, 100, 5000, 70000):
+            key = new_signing_key()
+            message = bytes(range(256)) * (size // 256) + b"m" * (size % 256)
+            sig = key.sign(message).signature
+            good, pub = encode_base64(sig), public_key(key)
+            flipped = encode_base64(bytes([sig[0] ^ 1]) + sig[1:])
+            out += [
+                (message, good, pub, True),
+                (message + b"x", good, pub, False),
+                (message, flipped, pub, False),
+                (message, good, public_key(new_signing_key()), False),
+            ]
+        return out
+
+    def test_fast_path_and_fallback_agree(self) -> None:
+        from synapse_xsign_module.handlers import crypto
+
+        self.assertIsNotNone(crypto._sodium_lib)
+        cases = self.cases()
+        fast = [verify_signature(m, s, p) for m, s, p, _ in cases]
+        self.patch(crypto, "_sodium_lib", None)
+        slow = [verify_signature(m, s, p) for m, s, p, _ in cases]
+        self.assertEqual(fast, [valid for *_, valid in cases])
+        self.assertEqual(slow, fast)

@@ -13,10 +13,17 @@ from __future__ import annotations
 import binascii
 import functools
 import json
+import threading
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
+
+try:  # PyNaCl's compiled libsodium binding; the public API is the fallback.
+    from nacl._sodium import ffi as _sodium_ffi
+    from nacl._sodium import lib as _sodium_lib
+except ImportError:  # pragma: no cover - a PyNaCl without it
+    _sodium_ffi = _sodium_lib = None
 from unpaddedbase64 import decode_base64, encode_base64
 
 from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
@@ -65,6 +72,25 @@ def _verify_key(public_key: str) -> VerifyKey | None:
     return VerifyKey(raw) if raw is not None else None
 
 
+_buffers = threading.local()
+
+
+def _sodium_verify(message: bytes, signature: bytes, key: VerifyKey) -> bool:
+    """libsodium's ``crypto_sign_open`` through PyNaCl's own binding, with an
+    output buffer kept per thread: what ``VerifyKey.verify`` does, without
+    its per-call wrapping (which holds the GIL)."""
+    signed = signature + message
+    size = len(signed)
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = _sodium_ffi.new("unsigned char[]", max(size, 4096))
+        _buffers.out_len = _sodium_ffi.new("unsigned long long *")
+    result: int = _sodium_lib.crypto_sign_open(
+        buf, _buffers.out_len, signed, size, bytes(key)
+    )
+    return result == 0
+
+
 def verify_signature(message: bytes, signature: str, public_key: str) -> bool:
     """Whether ``signature`` (unpadded base64) by ``public_key`` covers ``message``.
 
@@ -77,6 +103,8 @@ def verify_signature(message: bytes, signature: str, public_key: str) -> bool:
     raw = _decode(signature, 64)
     if key is None or raw is None:
         return False
+    if _sodium_lib is not None:
+        return _sodium_verify(message, raw, key)
     try:
         key.verify(message, raw)
     except (BadSignatureError, ValueError, TypeError):
