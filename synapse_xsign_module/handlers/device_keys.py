@@ -222,14 +222,16 @@ class DeviceKeysHandler:
         devices: HostDevices,
         failures: JsonDict,
     ) -> JsonDict:
-        # Stored keys are canonical JSON: sent as they are (RawJson) unless
-        # signatures must be merged in.
-        device_keys: JsonDict = {}
-        master_keys: JsonDict = {}
-        self_signing_keys: JsonDict = {}
-        user_signing_keys: JsonDict = {}
+        # Stored keys are canonical JSON: sent as they are unless signatures
+        # must be merged in. Each section's JSON text is built here directly
+        # (no dict of hundreds of users for the encoder to walk again).
+        device_keys: list[str] = []
+        master_keys: list[str] = []
+        self_signing_keys: list[str] = []
+        user_signing_keys: list[str] = []
         for user_id in local:
-            devices_out: JsonDict = {}
+            user = encode_basestring(user_id)
+            devices_out: list[str] = []
             existing = (
                 devices.existing.get(user_id, set())
                 if devices.existing is not None
@@ -245,13 +247,16 @@ class DeviceKeysHandler:
                 # Stored without "unsigned" (see parse_device_keys).
                 name = names.get(device_id) if names else None
                 if name is None:
-                    devices_out[device_id] = RawJson(key_json[:-1] + _NO_UNSIGNED)
+                    unsigned = _NO_UNSIGNED
                 else:
-                    devices_out[device_id] = RawJson(
-                        f'{key_json[:-1]},"unsigned":'
-                        f'{{"device_display_name":{encode_basestring(name)}}}}}'
+                    unsigned = (
+                        ',"unsigned":{"device_display_name":'
+                        f"{encode_basestring(name)}}}}}"
                     )
-            device_keys[user_id] = devices_out
+                devices_out.append(
+                    f"{encode_basestring(device_id)}:{key_json[:-1]}{unsigned}"
+                )
+            device_keys.append(f"{user}:{{{','.join(devices_out)}}}")
 
             keys = snap.cross_signing.get(user_id, {})
             master = keys.get(MASTER)
@@ -266,23 +271,24 @@ class DeviceKeysHandler:
                         or not sig[1].startswith("ed25519:")
                         or sig[1][len("ed25519:") :] in existing
                     ]
-                master_keys[user_id] = RawJson(
+                master_json = (
                     with_signatures(master.key_json, tuple(sorted(sigs)))
                     if sigs
                     else master.key_json
                 )
+                master_keys.append(f"{user}:{master_json}")
             ssk = keys.get(SELF_SIGNING)
             if ssk is not None:
-                self_signing_keys[user_id] = RawJson(ssk.key_json)
+                self_signing_keys.append(f"{user}:{ssk.key_json}")
             usk = keys.get(USER_SIGNING)
             if usk is not None and user_id == requester.user_id:
-                user_signing_keys[user_id] = RawJson(usk.key_json)
+                user_signing_keys.append(f"{user}:{usk.key_json}")
         return JsonWithRaw(
             {
-                "device_keys": device_keys,
-                "master_keys": master_keys,
-                "self_signing_keys": self_signing_keys,
-                "user_signing_keys": user_signing_keys,
+                "device_keys": _raw_object(device_keys),
+                "master_keys": _raw_object(master_keys),
+                "self_signing_keys": _raw_object(self_signing_keys),
+                "user_signing_keys": _raw_object(user_signing_keys),
                 "failures": failures,
             }
         )
@@ -319,6 +325,12 @@ class DeviceKeysHandler:
 
 #: The end of a served device key without a display name.
 _NO_UNSIGNED = ',"unsigned":{}}'
+
+
+def _raw_object(members: list[str]) -> RawJson:
+    """A JSON object from its members' text (``"key":value`` each)."""
+    return RawJson("{" + ",".join(members) + "}")
+
 
 #: Keys rendered with their detached signatures, remembered by content.
 RENDER_CACHE_SIZE = 8192

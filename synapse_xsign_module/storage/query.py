@@ -43,11 +43,11 @@ def fetch_keys_txn(
     """
     devices = get_device_keys_txn(conn, query)
     cross = get_visible_current_txn(conn, list(query), requester_id)
-    targets = [(u, d) for u, devs in devices.items() for d in devs]
-    targets += [
-        (u, keys[MASTER].public_key) for u, keys in cross.items() if MASTER in keys
-    ]
-    sigs = get_visible_txn(conn, targets, requester_id) if targets else {}
+    # Signatures over these users' keys: stored signatures only ever cover
+    # current keys (they go when either key changes), so a user's are read
+    # whole; those over devices not asked for are simply not used.
+    users = [u for u in query if u in devices or MASTER in cross.get(u, {})]
+    sigs = get_visible_txn(conn, users, requester_id) if users else {}
     return KeySnapshot(devices, cross, sigs)
 
 

@@ -129,27 +129,26 @@ def store_signatures_txn(
 
 
 def get_visible_txn(
-    conn: Connection, targets: list[tuple[str, str]], requester_id: str | None
+    conn: Connection, user_ids: list[str], requester_id: str | None
 ) -> VisibleSignatures:
-    """The stored signatures over some keys that a requester may see.
+    """The stored signatures over some users' keys that a requester may see.
 
     Everyone sees signatures a user made over their own keys (SSK over own
     devices, devices over own master key). A signature over another user's key
-    (made with a user-signing key) is seen by its signer alone.
+    (made with a user-signing key) is seen by its signer alone. Only current
+    keys carry stored signatures: they are deleted when either key changes.
 
     Args:
         conn: the connection.
-        targets: (user id, key id) pairs; key id is a device id or a master
-            public key.
+        user_ids: whose keys.
         requester_id: who asks; None sees only owners' own signatures.
 
     Returns:
-        The visible signatures, grouped by target.
+        The visible signatures, grouped by target (user id, device id or
+        master public key).
     """
     result: VisibleSignatures = defaultdict(list)
-    wanted = set(targets)
-    # Select by user and keep the wanted keys.
-    users = sorted({u for u, _ in wanted})
+    users = sorted(set(user_ids))
     if requester_id is None:
         rows = _OWN_SIGNATURES.rows(conn, {"users": users})
     else:
@@ -157,8 +156,7 @@ def get_visible_txn(
             conn, {"users": users, "requester": requester_id}
         )
     for tu, tk, su, sk, sig in rows:
-        if (tu, tk) in wanted:
-            result[(tu, tk)].append((su, sk, sig))
+        result[(tu, tk)].append((su, sk, sig))
     return dict(result)
 
 
