@@ -203,17 +203,25 @@ class Target:
         async def upload(user: BenchUser) -> None:
             assert user.identity is not None
             self.book.add_identity(user.identity)
-            body = await self.client.must(
-                "POST",
-                f"{KEYS}/device_signing/upload",
-                user.identity.upload_body(),
-                token=user.token,
-                what=f"device_signing/upload for {user.user_id}",
+            await self.upload_cross_signing(
+                user, user.identity.upload_body(), "device_signing/upload"
             )
-            if body != {}:
-                raise RequestFailed(f"device_signing/upload answered {body}")
 
         await self.gather(users, upload)
+
+    async def upload_cross_signing(
+        self, user: BenchUser, body: JsonDict, what: str
+    ) -> None:
+        """``POST /keys/device_signing/upload`` as ``user``; it must answer {}."""
+        answer = await self.client.must(
+            "POST",
+            f"{KEYS}/device_signing/upload",
+            body,
+            token=user.token,
+            what=f"{what} for {user.user_id}",
+        )
+        if answer != {}:
+            raise RequestFailed(f"device_signing/upload answered {answer}")
 
     async def cross_sign(self, users: list[BenchUser]) -> None:
         """SSK over the first device and first device over the master key."""

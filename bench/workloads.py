@@ -369,15 +369,7 @@ class W4SignOwnDevices(Workload):
             auth = target.provider.replacement_auth(user.user_id)
             if auth is not None:
                 body["auth"] = auth
-            answer = await target.client.must(
-                "POST",
-                f"{KEYS}/device_signing/upload",
-                body,
-                token=user.token,
-                what=f"new self-signing key for {user.user_id}",
-            )
-            if answer != {}:
-                raise RequestFailed(f"device_signing/upload answered {answer}")
+            await target.upload_cross_signing(user, body, "new self-signing key")
 
         await target.gather(users, replace)
 
