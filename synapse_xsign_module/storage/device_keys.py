@@ -155,7 +155,6 @@ _DELETE_SIGNATURES_BY = RawStatement(
 )
 
 
-# Statements of the upload path, built once (SQLAlchemy caches their SQL).
 # Statements of the upload path, compiled once and run on the driver's cursor.
 _DEVICE_KEY_JSON = RawStatement(
     select(device_keys.c.key_json).where(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -153,13 +154,18 @@ class RawStatement:
         """Run the statement in ``conn``'s transaction; every row as a tuple."""
         entry = self._entry(conn)
         bound = self._bind(entry, params)
-        rows: list[Any] = self._run(conn, entry.sql, bound, many=False)
+        with _driver_cursor(conn, entry.sql, bound) as cursor:
+            cursor.execute(entry.sql, bound)
+            rows: list[Any] = cursor.fetchall()
         return rows
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> int:
         """Run a statement that returns no rows; the number of rows it changed."""
         entry = self._entry(conn)
-        count: int = self._run(conn, entry.sql, self._bind(entry, params), many=None)
+        bound = self._bind(entry, params)
+        with _driver_cursor(conn, entry.sql, bound) as cursor:
+            cursor.execute(entry.sql, bound)
+            count: int = cursor.rowcount
         return count
 
     def execute_many(self, conn: Connection, params: list[dict[str, Any]]) -> None:
@@ -168,28 +174,25 @@ class RawStatement:
         if params:
             entry = self._entry(conn)
             bound = [self._bind(entry, p) for p in params]
-            self._run(conn, entry.sql, bound, many=True)
+            with _driver_cursor(conn, entry.sql, bound) as cursor:
+                cursor.executemany(entry.sql, bound)
 
-    @staticmethod
-    def _run(conn: Connection, sql: str, bound: Any, many: bool | None) -> Any:
-        """``many``: True for executemany, False to fetch rows, None for the
-        row count of a statement that returns none."""
-        driver_error = conn.dialect.loaded_dbapi.Error
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if many:
-                cursor.executemany(sql, bound)
-                return None
-            cursor.execute(sql, bound)
-            return cursor.rowcount if many is None else cursor.fetchall()
-        except driver_error as e:
-            # Wrapped as SQLAlchemy would: retries and dropping a broken
-            # connection look for its exception classes.
-            raise DBAPIError.instance(
-                sql, bound, e, driver_error, dialect=conn.dialect
-            ) from e
-        finally:
-            cursor.close()
+
+@contextlib.contextmanager
+def _driver_cursor(conn: Connection, sql: str, bound: Any) -> Iterator[Any]:
+    """A cursor of ``conn``'s driver connection, closed afterwards; a driver
+    error raised inside is re-raised as SQLAlchemy's (retries and dropping a
+    broken connection look for its exception classes)."""
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        yield cursor
+    except driver_error as e:
+        raise DBAPIError.instance(
+            sql, bound, e, driver_error, dialect=conn.dialect
+        ) from e
+    finally:
+        cursor.close()
 
 
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
