@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from synapse_xsign_module.handlers.crypto import (
     has_valid_signature,
     signed_bytes,
-    stored_signed_bytes,
+    stored_content,
     verify_signature,
 )
 from synapse_xsign_module.jsonutil import canonical_json
@@ -98,7 +98,7 @@ class SignedBytesTest(unittest.TestCase):
         stored = canonical_json({k: v for k, v in obj.items() if k != "unsigned"})
         uploaded = copy.deepcopy(obj)
         uploaded["signatures"].setdefault(USER, {})["ed25519:SSK"] = "sig"
-        self.assertEqual(stored_signed_bytes(stored), signed_bytes(uploaded))
+        self.assertEqual(stored_content(stored)[1], signed_bytes(uploaded))
 
     def test_number_forms_differ(self) -> None:
         """1 and 1.0 are different content (compared as canonical JSON)."""

@@ -18,15 +18,15 @@ from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
+from unpaddedbase64 import decode_base64, encode_base64
+
+from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
 
 try:  # PyNaCl's compiled libsodium binding; the public API is the fallback.
     from nacl._sodium import ffi as _sodium_ffi
     from nacl._sodium import lib as _sodium_lib
 except ImportError:  # pragma: no cover - a PyNaCl without it
     _sodium_ffi = _sodium_lib = None
-from unpaddedbase64 import decode_base64, encode_base64
-
-from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
 
 ED25519 = "ed25519"
 
@@ -58,11 +58,6 @@ def stored_content(stored_json: str) -> tuple[dict[str, Any], bytes]:
     the object."""
     obj = strip_signatures(json.loads(stored_json))
     return obj, canonical_json(obj).encode("utf-8")
-
-
-def stored_signed_bytes(stored_json: str) -> bytes:
-    """:func:`signed_bytes` of a stored key (see :func:`stored_content`)."""
-    return stored_content(stored_json)[1]
 
 
 @functools.lru_cache(maxsize=4096)

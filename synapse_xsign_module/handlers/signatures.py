@@ -103,11 +103,11 @@ def _device_ed25519(device_json: str, device_id: str) -> str | None:
     return None
 
 
-def _mismatch(what: str) -> ItemFailure:
-    return ItemFailure(
-        Codes.INVALID_PARAM,
+def _mismatch(what: str) -> str:
+    """The error for an object that differs from the stored ``what``."""
+    return (
         f"The signed object does not match the stored {what} (apart from "
-        "'signatures' and 'unsigned')",
+        "'signatures' and 'unsigned')"
     )
 
 
@@ -130,7 +130,7 @@ def _same_content(
     if strip_signatures(obj) == stored_obj:
         return message, (obj, what)
     if signed_bytes(obj) != message:
-        raise _mismatch(what)
+        raise ItemFailure(Codes.INVALID_PARAM, _mismatch(what))
     return message, None
 
 
@@ -245,8 +245,7 @@ class SignatureHandler:
         for target_user, key_id in sorted(bad_items):
             what = mismatched.get((target_user, key_id))
             if what is not None:
-                mismatch = _mismatch(what)
-                fail(target_user, key_id, mismatch.errcode, mismatch.error)
+                fail(target_user, key_id, Codes.INVALID_PARAM, _mismatch(what))
             else:
                 fail(target_user, key_id, Codes.INVALID_SIGNATURE, "Invalid signature")
         pending = [c for c in checks if c.item not in bad_items]
