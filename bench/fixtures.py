@@ -209,17 +209,23 @@ class Target:
 
         await self.gather(users, upload)
 
-    async def upload_cross_signing(
-        self, user: BenchUser, body: JsonDict, what: str
-    ) -> None:
-        """``POST /keys/device_signing/upload`` as ``user``; it must answer {}."""
-        answer = await self.client.must(
+    async def post_keys(
+        self, user: BenchUser, endpoint: str, body: JsonDict, what: str
+    ) -> JsonDict:
+        """``POST /keys/<endpoint>`` as ``user``'s first device; the 200 body."""
+        return await self.client.must(
             "POST",
-            f"{KEYS}/device_signing/upload",
+            f"{KEYS}/{endpoint}",
             body,
             token=user.token,
             what=f"{what} for {user.user_id}",
         )
+
+    async def upload_cross_signing(
+        self, user: BenchUser, body: JsonDict, what: str
+    ) -> None:
+        """``POST /keys/device_signing/upload`` as ``user``; it must answer {}."""
+        answer = await self.post_keys(user, "device_signing/upload", body, what)
         if answer != {}:
             raise RequestFailed(f"device_signing/upload answered {answer}")
 
@@ -239,12 +245,8 @@ class Target:
                     ),
                 }
             }
-            answer = await self.client.must(
-                "POST",
-                f"{KEYS}/signatures/upload",
-                body,
-                token=user.token,
-                what=f"signatures/upload for {user.user_id}",
+            answer = await self.post_keys(
+                user, "signatures/upload", body, "signatures/upload"
             )
             if answer.get("failures"):
                 raise RequestFailed(f"signatures/upload failed: {answer['failures']}")

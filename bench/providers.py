@@ -34,6 +34,11 @@ ADMIN_API = "/_synapse/client/xsign/admin/v1"
 ALLOW_REPLACEMENT = "_allow_cross_signing_replacement_without_uia"
 
 
+def replacement_window_path(user_id: str) -> str:
+    """The module's admin path that opens ``user_id``'s replacement window."""
+    return f"{ADMIN_API}/users/{quote(user_id, safe='')}/{ALLOW_REPLACEMENT}"
+
+
 class UserProvider(Protocol):
     """Makes accounts and logs devices in."""
 
@@ -140,7 +145,7 @@ class EmbeddedAdminProvider:
         """Open the module's replacement window for ``user_id``."""
         await self._client.must(
             "POST",
-            f"{ADMIN_API}/users/{quote(user_id, safe='')}/{ALLOW_REPLACEMENT}",
+            replacement_window_path(user_id),
             {},
             token=self._token,
             what=f"replacement window for {user_id}",
@@ -227,7 +232,7 @@ class SynapseSharedSecretProvider:
             return
         answer = await self._client.request(
             "POST",
-            f"{ADMIN_API}/users/{quote(user_id, safe='')}/{ALLOW_REPLACEMENT}",
+            replacement_window_path(user_id),
             {},
             token=self._admin_token,
         )

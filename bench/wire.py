@@ -147,18 +147,19 @@ class WirePool:
         missing = n - len(usable)
         if missing <= 0:
             return
-        r: Any = reactor
-        endpoint = TCP4ClientEndpoint(r, self._host, self._port, timeout=30)
         new = await defer.gatherResults(
-            [
-                defer.ensureDeferred(connectProtocol(endpoint, _Connection()))
-                for _ in range(missing)
-            ],
+            [defer.ensureDeferred(self._connect()) for _ in range(missing)],
             consumeErrors=True,
         )
-        for conn in new:
-            self._all.add(conn)
-            self._idle.append(conn)
+        self._idle.extend(new)
+
+    async def _connect(self) -> _Connection:
+        """A new kept connection."""
+        r: Any = reactor
+        endpoint = TCP4ClientEndpoint(r, self._host, self._port, timeout=30)
+        conn = await connectProtocol(endpoint, _Connection())
+        self._all.add(conn)
+        return conn
 
     async def _connection(self) -> _Connection:
         # First in, first out: requests rotate over every kept connection, and
@@ -169,11 +170,7 @@ class WirePool:
             if conn.usable and conn.transport is not None:
                 return conn
             self._all.discard(conn)
-        r: Any = reactor
-        endpoint = TCP4ClientEndpoint(r, self._host, self._port, timeout=30)
-        conn = await connectProtocol(endpoint, _Connection())
-        self._all.add(conn)
-        return conn
+        return await self._connect()
 
     def encode(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
