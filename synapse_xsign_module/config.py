@@ -102,6 +102,8 @@ class XSignConfig:
         uia: see :class:`UIAConfig`.
         replacement_window_ms: length of the admin-granted window in which a
             user may replace the master key without UIA.
+        key_query_cache_mb: how many megabytes of users' rendered keys each
+            process keeps for ``/keys/query``; 0 keeps none.
         embedded: see :class:`EmbeddedConfig`.
     """
 
@@ -109,6 +111,7 @@ class XSignConfig:
     max_request_body_size: int = 8 * 1024 * 1024
     uia: UIAConfig = UIAConfig()
     replacement_window_ms: int = 10 * 60 * 1000
+    key_query_cache_mb: int = 64
     embedded: EmbeddedConfig = EmbeddedConfig()
 
 
@@ -197,6 +200,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
             "max_request_body_size",
             "uia",
             "replacement_window_ms",
+            "key_query_cache_mb",
             "embedded",
         },
     )
@@ -302,6 +306,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
         replacement_window_ms=_positive(
             "replacement_window_ms",
             _get(top, "", "replacement_window_ms", int, c.replacement_window_ms),
+        ),
+        key_query_cache_mb=_non_negative(
+            "key_query_cache_mb",
+            _get(top, "", "key_query_cache_mb", int, c.key_query_cache_mb),
         ),
         embedded=embedded,
     )

@@ -7,7 +7,7 @@ on Synapse's own metrics listener; the embedded host serves them on
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "xsign_http_requests",
@@ -30,4 +30,14 @@ DB_RETRIES = Counter(
     "Database transactions retried after a serialization failure, deadlock, "
     "locked database or dropped connection",
     ["desc"],
+)
+QUERY_CACHE_LOOKUPS = Counter(
+    "xsign_key_query_cache_lookups",
+    "Users looked up for /keys/query: 'hit' when served from the cache at "
+    "their current key version, 'miss' when read from the database",
+    ["result"],
+)
+QUERY_CACHE_SIZE = Gauge(
+    "xsign_key_query_cache_bytes",
+    "About how many bytes the /keys/query cache holds",
 )

@@ -10,6 +10,7 @@ from synapse_xsign_module.config import XSignConfig
 from synapse_xsign_module.handlers.admin import AdminHandler
 from synapse_xsign_module.handlers.cross_signing import CrossSigningHandler
 from synapse_xsign_module.handlers.device_keys import DeviceKeysHandler
+from synapse_xsign_module.handlers.query_cache import UserKeysCache
 from synapse_xsign_module.handlers.signatures import SignatureHandler
 from synapse_xsign_module.host import Host
 from synapse_xsign_module.http.admin import ADMIN_PREFIX, build_admin_resource
@@ -54,8 +55,13 @@ class XSignService:
         self.cross_signing_store = CrossSigningStore(self.db)
         self.signature_store = SignatureStore(self.db)
         self.query_store = QueryStore(self.db)
+        self.key_query_cache = UserKeysCache(config.key_query_cache_mb * 1024 * 1024)
         self.device_keys = DeviceKeysHandler(
-            host, self.device_key_store, self.query_store, self.clock
+            host,
+            self.device_key_store,
+            self.query_store,
+            self.clock,
+            self.key_query_cache,
         )
         self.cross_signing = CrossSigningHandler(
             host, self.cross_signing_store, self.clock

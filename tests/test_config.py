@@ -76,6 +76,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
             "max_request_body_size": 4096,
             "uia": {"session_timeout_ms": 60000, "allow_dummy": True},
             "replacement_window_ms": 99000,
+            "key_query_cache_mb": 5,
             "embedded": {
                 "server_name": "example.org",
                 "bind_address": "0.0.0.0",
@@ -98,6 +99,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
                 max_request_body_size=4096,
                 uia=UIAConfig(session_timeout_ms=60000, allow_dummy=True),
                 replacement_window_ms=99000,
+                key_query_cache_mb=5,
                 embedded=EmbeddedConfig(
                     server_name="example.org",
                     bind_address="0.0.0.0",
@@ -231,6 +233,7 @@ class ParseConfigErrorsTest(unittest.TestCase):
             ({"uia": {"session_timeout_ms": -1}}, "uia.session_timeout_ms"),
             ({"replacement_window_ms": 0}, "replacement_window_ms"),
             ({"embedded": {"token_cache_ms": -1}}, "embedded.token_cache_ms"),
+            ({"key_query_cache_mb": -1}, "key_query_cache_mb"),
         ]
         for raw, key in cases:
             err = self.assert_error(raw, key)

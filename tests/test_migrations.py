@@ -115,7 +115,7 @@ class MigrationTest(FreshDatabaseMixin, unittest.TestCase):
         """After the upgrade the recorded revision is the newest shipped one."""
         engine = self.make_fresh_engine()
         head = migrate.head_revision()
-        self.assertEqual(head, "0001")
+        self.assertEqual(head, "0002")
         migrate.upgrade(engine)
         self.assertEqual(migrate.current_revision(engine), head)
         with engine.connect() as conn:
@@ -188,6 +188,42 @@ class MigrationTest(FreshDatabaseMixin, unittest.TestCase):
                     cross_signing_keys.insert(),
                     {**row, "public_key": "second-current", "replaced_ts": None},
                 )
+
+    def test_key_versions_given_to_users_with_keys(self) -> None:
+        """Migrating a database with keys gives each of their owners a key
+        version (and nobody else), so cached answers are valid from the start."""
+        engine = self.make_fresh_engine()
+        migrate.upgrade(engine, "0001")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO xsign_device_keys"
+                    " (user_id, device_id, key_json, ts_added_ms)"
+                    " VALUES ('@dev:x', 'D', '{}', 1)"
+                )
+            )
+            conn.execute(
+                cross_signing_keys.insert(),
+                {
+                    "user_id": "@cs:x",
+                    "key_type": "master",
+                    "public_key": "p",
+                    "key_json": "{}",
+                    "uploaded_ts": 1,
+                },
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO xsign_host_users (user_id, created_ts)"
+                    " VALUES ('@nokeys:x', 1)"
+                )
+            )
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT user_id, version FROM xsign_key_versions")
+            ).all()
+        self.assertEqual(sorted(map(tuple, rows)), [("@cs:x", 1), ("@dev:x", 1)])
 
     def test_alembic_env_refuses_to_run_without_connection(self) -> None:
         """The migrations refuse the plain alembic command line (no connection given)."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-from collections import defaultdict
 from json.encoder import encode_basestring
 from typing import Any
 
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.errors import Codes, MatrixError, bad_json
+from synapse_xsign_module.handlers.query_cache import UserKeysCache
+from synapse_xsign_module.handlers.user_keys import (
+    UserKeys,
+    build_user_keys,
+    with_requester_signatures,
+    with_signatures,
+)
 from synapse_xsign_module.handlers.validation import (
     require_dict,
     require_signatures,
@@ -21,14 +25,9 @@ from synapse_xsign_module.handlers.validation import (
 )
 from synapse_xsign_module.host import Host, HostDevices, Requester
 from synapse_xsign_module.http.base import JsonDict, JsonWithRaw, RawJson
-from synapse_xsign_module.jsonutil import canonical_json, compact_json
-from synapse_xsign_module.storage.cross_signing import (
-    MASTER,
-    SELF_SIGNING,
-    USER_SIGNING,
-)
+from synapse_xsign_module.jsonutil import canonical_json
 from synapse_xsign_module.storage.device_keys import DeviceKeyStore, OneTimeKey
-from synapse_xsign_module.storage.query import KeySnapshot, QueryStore
+from synapse_xsign_module.storage.query import QueryStore
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +112,22 @@ class DeviceKeysHandler:
         store: device key storage.
         query_store: the reads behind ``/keys/query``.
         clock: the clock.
+        cache: users' keys kept between queries; none kept if omitted.
     """
 
     def __init__(
-        self, host: Host, store: DeviceKeyStore, query_store: QueryStore, clock: Clock
+        self,
+        host: Host,
+        store: DeviceKeyStore,
+        query_store: QueryStore,
+        clock: Clock,
+        cache: UserKeysCache | None = None,
     ) -> None:
         self._host = host
         self._store = store
         self._query_store = query_store
         self._clock = clock
+        self._cache = cache if cache is not None else UserKeysCache(0)
 
     async def upload(self, requester: Requester, body: JsonDict) -> JsonDict:
         """Handle ``POST /keys/upload``.
@@ -208,81 +214,86 @@ class DeviceKeysHandler:
             else:
                 failures[server] = remote_failure(server)
 
-        snapshot = await self._query_store.fetch(local, requester.user_id)
+        users = await self._user_keys(local, requester.user_id)
         devices = await self._host.get_devices(
-            {u: list(d) for u, d in snapshot.device_keys.items()}
+            {u: list(keys.devices) for u, keys in users.items() if keys.devices}
         )
-        return self._render_query(requester, local, snapshot, devices, failures)
+        return self._render_query(requester, local, users, devices, failures)
+
+    async def _user_keys(
+        self, local: dict[str, list[str]], requester_id: str
+    ) -> dict[str, UserKeys]:
+        """Every queried local user's keys, from the cache where it holds
+        them at their current version, else read (and then cached).
+
+        A user asked for some devices only gets just those devices."""
+        cache = self._cache
+        held = cache.held(list(local))
+        snap = await self._query_store.fetch(
+            local, requester_id, {u: k.version for u, k in held.items() if k.version}
+        )
+        users: dict[str, UserKeys] = {}
+        for user_id, wanted in local.items():
+            keys = held.get(user_id) if user_id not in snap.read else None
+            if keys is None:
+                keys = build_user_keys(snap, user_id)
+                if snap.cacheable(user_id):
+                    cache.put(user_id, keys)
+            elif wanted:
+                keys = keys.only_devices(wanted)
+            users[user_id] = with_requester_signatures(
+                keys, user_id, snap.requester_signatures
+            )
+        cache.used([u for u in local if u not in snap.read], len(snap.read))
+        return users
 
     @staticmethod
     def _render_query(
         requester: Requester,
         local: dict[str, list[str]],
-        snap: KeySnapshot,
+        users: dict[str, UserKeys],
         devices: HostDevices,
         failures: JsonDict,
     ) -> JsonDict:
-        # Stored keys are canonical JSON: sent as they are unless signatures
-        # must be merged in. Each section's JSON text is built here directly
-        # (no dict of hundreds of users for the encoder to walk again).
+        # Each section's JSON text is built here directly (no dict of hundreds
+        # of users for the encoder to walk again).
         device_keys: list[str] = []
         master_keys: list[str] = []
         self_signing_keys: list[str] = []
         user_signing_keys: list[str] = []
         for user_id in local:
+            keys = users[user_id]
             user = encode_basestring(user_id)
-            devices_out: list[str] = []
             existing = (
                 devices.existing.get(user_id, set())
                 if devices.existing is not None
                 else None
             )
             names = devices.names.get(user_id)
-            for device_id, key_json in snap.device_keys.get(user_id, {}).items():
+            devices_out: list[str] = []
+            for device_id, fragment in keys.devices.items():
                 if existing is not None and device_id not in existing:
                     continue  # deleted in the host: never served
-                extra = snap.signatures.get((user_id, device_id))
-                if extra:
-                    key_json = with_signatures(key_json, tuple(sorted(extra)))
                 # Stored without "unsigned" (see parse_device_keys).
                 name = names.get(device_id) if names else None
                 if name is None:
-                    unsigned = _NO_UNSIGNED
+                    devices_out.append(fragment + _NO_UNSIGNED)
                 else:
-                    unsigned = (
-                        ',"unsigned":{"device_display_name":'
+                    devices_out.append(
+                        f'{fragment},"unsigned":{{"device_display_name":'
                         f"{encode_basestring(name)}}}}}"
                     )
-                devices_out.append(
-                    f"{encode_basestring(device_id)}:{key_json[:-1]}{unsigned}"
-                )
             device_keys.append(f"{user}:{{{','.join(devices_out)}}}")
 
-            keys = snap.cross_signing.get(user_id, {})
-            master = keys.get(MASTER)
-            if master is not None:
-                sigs = snap.signatures.get((user_id, master.public_key)) or []
-                if existing is not None:
-                    # Signatures by devices deleted in the host are not served.
-                    sigs = [
-                        sig
-                        for sig in sigs
-                        if sig[0] != user_id
-                        or not sig[1].startswith("ed25519:")
-                        or sig[1][len("ed25519:") :] in existing
-                    ]
-                master_json = (
-                    with_signatures(master.key_json, tuple(sorted(sigs)))
-                    if sigs
-                    else master.key_json
-                )
+            master_json = keys.master_json
+            if existing is not None and keys.master is not None:
+                master_json = _without_deleted_devices(keys, user_id, existing)
+            if master_json is not None:
                 master_keys.append(f"{user}:{master_json}")
-            ssk = keys.get(SELF_SIGNING)
-            if ssk is not None:
-                self_signing_keys.append(f"{user}:{ssk.key_json}")
-            usk = keys.get(USER_SIGNING)
-            if usk is not None and user_id == requester.user_id:
-                user_signing_keys.append(f"{user}:{usk.key_json}")
+            if keys.self_signing_json is not None:
+                self_signing_keys.append(f"{user}:{keys.self_signing_json}")
+            if keys.user_signing_json is not None and user_id == requester.user_id:
+                user_signing_keys.append(f"{user}:{keys.user_signing_json}")
         return JsonWithRaw(
             {
                 "device_keys": _raw_object(device_keys),
@@ -332,43 +343,16 @@ def _raw_object(members: list[str]) -> RawJson:
     return RawJson("{" + ",".join(members) + "}")
 
 
-#: Keys rendered with their detached signatures, remembered by content.
-RENDER_CACHE_SIZE = 8192
-
-
-@functools.lru_cache(maxsize=RENDER_CACHE_SIZE)
-def with_signatures(key_json: str, extra: tuple[tuple[str, str, str], ...]) -> str:
-    """A stored key's JSON with detached signatures merged into ``signatures``.
-
-    A pure function of its arguments, so it is remembered: the same key with the
-    same signatures is queried again and again, and is then neither decoded nor
-    encoded. Nothing needs invalidating (a changed key or signature is a
-    different argument).
-
-    Args:
-        key_json: the key as stored (a JSON object).
-        extra: (signer user id, signer key id, signature) triples, sorted.
-
-    Returns:
-        Compact JSON of the merged object.
-    """
-    obj = json.loads(key_json)
-    _merge_signatures(obj, extra)
-    return compact_json(obj)
-
-
-def _merge_signatures(obj: JsonDict, extra: tuple[tuple[str, str, str], ...]) -> None:
-    """Add detached signatures to a key object's ``signatures``."""
-    sigs = obj.get("signatures")
-    if not isinstance(sigs, dict):
-        sigs = {}
-        obj["signatures"] = sigs
-    grouped: dict[str, dict[str, str]] = defaultdict(dict)
-    for signer, key_id, sig in extra:
-        grouped[signer][key_id] = sig
-    for signer, entries in grouped.items():
-        existing = sigs.get(signer)
-        if not isinstance(existing, dict):
-            existing = {}
-            sigs[signer] = existing
-        existing.update(entries)
+def _without_deleted_devices(keys: UserKeys, user_id: str, existing: set[str]) -> str:
+    """The master key's JSON without signatures by devices the host deleted."""
+    assert keys.master is not None
+    sigs = tuple(
+        sig
+        for sig in keys.master_signatures
+        if sig[0] != user_id
+        or not sig[1].startswith("ed25519:")
+        or sig[1][len("ed25519:") :] in existing
+    )
+    if len(sigs) == len(keys.master_signatures):
+        return keys.master_json or keys.master.key_json
+    return with_signatures(keys.master.key_json, sigs) if sigs else keys.master.key_json

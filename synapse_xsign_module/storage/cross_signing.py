@@ -25,6 +25,7 @@ from synapse_xsign_module.storage.schema import (
     signatures,
 )
 from synapse_xsign_module.storage.util import RawStatement, any_of, lock_users
+from synapse_xsign_module.storage.versions import bump_txn
 
 MASTER = "master"
 SELF_SIGNING = "self_signing"
@@ -76,15 +77,6 @@ _CURRENT_OF_USERS = RawStatement(
     ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
 )
 # The same, without the user-signing keys of anyone but the requester.
-_CURRENT_VISIBLE = RawStatement(
-    select(
-        _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
-    ).where(
-        any_of(_CK.user_id, "users"),
-        _CK.replaced_ts.is_(None),
-        or_(_CK.key_type != USER_SIGNING, _CK.user_id == bindparam("requester")),
-    )
-)
 _GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
     replacement_grants.c.user_id == bindparam("user")
 )
@@ -101,17 +93,6 @@ CurrentKeys = dict[str, dict[str, StoredKey]]
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
     return _current_keys(conn, _CURRENT_OF_USERS, {"users": sorted(set(user_ids))})
-
-
-def get_visible_current_txn(
-    conn: Connection, user_ids: list[str], requester_id: str | None
-) -> CurrentKeys:
-    """Like :func:`get_current_txn`, with only the requester's user-signing key."""
-    return _current_keys(
-        conn,
-        _CURRENT_VISIBLE,
-        {"users": sorted(set(user_ids)), "requester": requester_id or ""},
-    )
 
 
 def _current_keys(
@@ -188,12 +169,14 @@ def replace_keys_txn(
         and old_master is not None
         and old_master.public_key != new_master.public_key
     )
+    changed = False
     for kt in KEY_TYPES:
         old = current.get(kt)
         new = new_keys.get(kt)
         if new is not None:
             if old is not None and old.key_json == new.key_json:
                 continue
+            changed = True
             if old is not None:
                 _retire_txn(conn, user_id, old, now_ms, "replaced")
             conn.execute(
@@ -207,7 +190,10 @@ def replace_keys_txn(
             )
         elif old is not None and master_changed:
             # The old SSK/USK was signed by the old master: it no longer chains.
+            changed = True
             _retire_txn(conn, user_id, old, now_ms, "master_replaced")
+    if changed:
+        bump_txn(conn, [user_id])
     if new_master is not None and (
         old_master is None or old_master.key_json != new_master.key_json
     ):
@@ -227,6 +213,8 @@ def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
     current = get_current_txn(conn, [user_id]).get(user_id, {})
     for old in current.values():
         _retire_txn(conn, user_id, old, now_ms, "reset")
+    if current:
+        bump_txn(conn, [user_id])
     conn.execute(
         delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
     )

@@ -44,6 +44,7 @@ from synapse_xsign_module.storage.util import (
     lock_users,
     upsert,
 )
+from synapse_xsign_module.storage.versions import bump_txn
 
 #: Unclaimed one-time keys kept per device and algorithm. Clients keep a
 #: bounded number of private one-time keys and forget the oldest; a client that
@@ -233,6 +234,7 @@ def upload_txn(
             _drop_invalidated_signatures(
                 conn, user_id, device_id, old_json, new_device_keys
             )
+            bump_txn(conn, [user_id])
 
     if otks:
         existing: dict[tuple[str, str], str] = {}
@@ -532,6 +534,7 @@ def delete_device_txn(conn: Connection, user_id: str, device_id: str) -> bool:
             )
         ).rowcount
     delete_signatures_on_device_txn(conn, user_id, device_id)
+    bump_txn(conn, [user_id])
     return removed > 0
 
 

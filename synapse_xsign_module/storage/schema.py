@@ -137,6 +137,18 @@ Index(
     signatures.c.signer_key_id,
 )
 
+# A counter per user, raised in every transaction that changes what anyone
+# may see of the user's own keys: device keys, cross-signing keys and the
+# signatures the user made over them (see storage/versions.py). Rows are
+# never deleted, so a counter never goes back to a value seen before.
+key_versions = Table(
+    "xsign_key_versions",
+    metadata,
+    Column("user_id", String(255), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    PrimaryKeyConstraint("user_id", name="xsign_key_versions_pkey"),
+)
+
 # Admin-granted windows in which a user may replace the master key without UIA.
 replacement_grants = Table(
     "xsign_replacement_grants",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import NamedTuple
 
-from sqlalchemy import Connection, bindparam, or_, select
+from sqlalchemy import Connection, bindparam, select
 
 from twisted.internet import defer
 
@@ -23,6 +23,7 @@ from synapse_xsign_module.storage.util import (
     lock_users,
     upsert,
 )
+from synapse_xsign_module.storage.versions import bump_txn
 
 #: (target user, target key id) -> list of (signer user, signer key id, signature)
 VisibleSignatures = dict[tuple[str, str], list[tuple[str, str, str]]]
@@ -125,38 +126,56 @@ def store_signatures_txn(
         ["target_user_id", "target_key_id", "signer_user_id", "signer_key_id"],
         ["signature", "ts_added_ms"],
     )
+    # Signatures over other users' keys are not part of their versions.
+    bump_txn(conn, {t for t, _, s, _ in rows if s == t})
     return stale
 
 
-def get_visible_txn(
-    conn: Connection, user_ids: list[str], requester_id: str | None
-) -> VisibleSignatures:
-    """The stored signatures over some users' keys that a requester may see.
+def get_own_txn(conn: Connection, user_ids: list[str]) -> VisibleSignatures:
+    """The stored signatures users made over their own keys (the self-signing
+    key over devices, devices over the master key): everyone may see them.
 
-    Everyone sees signatures a user made over their own keys (SSK over own
-    devices, devices over own master key). A signature over another user's key
-    (made with a user-signing key) is seen by its signer alone. Only current
-    keys carry stored signatures: they are deleted when either key changes.
+    Only current keys carry stored signatures: they are deleted when either
+    key changes.
 
     Args:
         conn: the connection.
         user_ids: whose keys.
-        requester_id: who asks; None sees only owners' own signatures.
 
     Returns:
-        The visible signatures, grouped by target (user id, device id or
-        master public key).
+        The signatures, grouped by target (user id, device id or master public
+        key).
     """
     result: VisibleSignatures = defaultdict(list)
-    users = sorted(set(user_ids))
-    if requester_id is None:
-        rows = _OWN_SIGNATURES.rows(conn, {"users": users})
-    else:
-        rows = _VISIBLE_SIGNATURES.rows(
-            conn, {"users": users, "requester": requester_id}
-        )
-    for tu, tk, su, sk, sig in rows:
+    for tu, tk, su, sk, sig in _OWN_SIGNATURES.rows(
+        conn, {"users": sorted(set(user_ids))}
+    ):
         result[(tu, tk)].append((su, sk, sig))
+    return dict(result)
+
+
+def get_made_by_txn(
+    conn: Connection, signer_id: str, user_ids: list[str]
+) -> VisibleSignatures:
+    """The stored signatures one user made over other users' keys (with the
+    user-signing key, over master keys): only that user may see them.
+
+    Args:
+        conn: the connection.
+        signer_id: who made them.
+        user_ids: whose keys; ``signer_id`` itself is left out.
+
+    Returns:
+        Like :func:`get_own_txn`.
+    """
+    others = sorted(set(user_ids) - {signer_id})
+    if not others:
+        return {}
+    result: VisibleSignatures = defaultdict(list)
+    for tu, tk, sk, sig in _SIGNED_BY.rows(
+        conn, {"signer": signer_id, "users": others}
+    ):
+        result[(tu, tk)].append((signer_id, sk, sig))
     return dict(result)
 
 
@@ -172,16 +191,6 @@ _SIGNATURE_COLUMNS = (
 _OWN_SIGNATURES = RawStatement(
     select(*_SIGNATURE_COLUMNS).where(
         any_of(_S.target_user_id, "users"), _S.signer_user_id == _S.target_user_id
-    )
-)
-# ... and those the requester made (with the user-signing key).
-_VISIBLE_SIGNATURES = RawStatement(
-    select(*_SIGNATURE_COLUMNS).where(
-        any_of(_S.target_user_id, "users"),
-        or_(
-            _S.signer_user_id == _S.target_user_id,
-            _S.signer_user_id == bindparam("requester"),
-        ),
     )
 )
 
