@@ -10,11 +10,13 @@ time spent sending counts.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attr
@@ -198,6 +200,26 @@ def process_cpu_seconds(pid: int) -> float | None:
     return total
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a segment is timed.
+
+    The bench holds every key it uploaded (hundreds of thousands of objects by
+    W6), and each parsed answer allocates thousands more: the collector then
+    walked the whole heap again and again, and the bench, which shares the
+    cores with the server, took twice the CPU per answer. Answers are trees,
+    freed by reference counting; what cycles there are wait until the end.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 async def run_cell(
     client: JsonClient,
     feed: Feed,
@@ -238,9 +260,10 @@ async def run_cell(
             deadline = time.perf_counter() + max(0.0, duration - stats.elapsed)
         cpu = time.process_time()
         server_cpu = process_cpu_seconds(server_pid) if server_pid else None
-        stats.elapsed += await _segment(
-            client, source, concurrency, stats, deadline, requests
-        )
+        with _no_cyclic_gc():
+            stats.elapsed += await _segment(
+                client, source, concurrency, stats, deadline, requests
+            )
         stats.client_cpu_s += time.process_time() - cpu
         if server_cpu is not None and server_pid:
             after = process_cpu_seconds(server_pid)

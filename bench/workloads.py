@@ -581,9 +581,10 @@ class W6Query(Workload):
         )
 
 
-#: Unclaimed one-time keys per device the bench keeps at most (the module's
-#: cap per device and algorithm is 1000).
-MAX_UNCLAIMED = 1000
+#: Unclaimed one-time keys per device the bench keeps at most: Synapse 1.163
+#: refuses an upload that would leave a device more than 500 (the module keeps
+#: the newest 1000).
+MAX_UNCLAIMED = 500
 
 
 class W7Claim(Workload):
@@ -625,8 +626,8 @@ class W7Claim(Workload):
         """Top every device up to ``n`` (+ slack) unclaimed keys; ``n`` claims.
 
         At most :data:`MAX_UNCLAIMED` keys per device at once: a server that
-        caps unclaimed keys (the module keeps the newest 1000) would otherwise
-        drop keys the batch counts on. The runner prepares again when a batch
+        caps unclaimed keys would otherwise drop keys the batch counts on, or
+        refuse the upload. The runner prepares again when a batch
         runs out before the cell's time is up.
         """
         assert n is not None
