@@ -448,6 +448,45 @@ class RawStatementTest(DatabaseTestCase):
         self.assertEqual(await self.db.run("delete", delete), (2, 0))
         self.assertEqual(await self.db.run_read("ids", user_ids), ["@u0:x"])
 
+    async def test_upsert_of_many_rows(self) -> None:
+        """Many rows in one upsert (one unnest statement on PostgreSQL): new
+        rows inserted, existing ones updated, a key given twice keeps its last
+        row, and values of every column type arrive intact."""
+        t = host_users.c
+        odd = '@it\'s "q" \u00e9,{x}:x'
+
+        def txn(conn: Connection) -> list[Any]:
+            upsert(
+                conn,
+                host_users,
+                [{"user_id": "@old:x", "created_ts": 1, "is_admin": False}],
+                ["user_id"],
+                ["created_ts", "is_admin"],
+            )
+            upsert(
+                conn,
+                host_users,
+                [
+                    {"user_id": "@old:x", "created_ts": 2**40, "is_admin": True},
+                    {"user_id": odd, "created_ts": 3, "is_admin": False},
+                    {"user_id": "@new:x", "created_ts": 4, "is_admin": False},
+                    {"user_id": odd, "created_ts": 5, "is_admin": True},
+                ],
+                ["user_id"],
+                ["created_ts", "is_admin"],
+            )
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    select(t.user_id, t.created_ts, t.is_admin).order_by(t.user_id)
+                )
+            ]
+
+        self.assertEqual(
+            sorted(await self.db.run("bulk", txn)),
+            sorted([("@old:x", 2**40, True), (odd, 5, True), ("@new:x", 4, False)]),
+        )
+
 
 class ConnectionReuseTest(DatabaseTestCase):
     """Pool threads keep their connection between transactions."""
