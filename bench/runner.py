@@ -209,8 +209,10 @@ def _no_cyclic_gc() -> Iterator[None]:
     walked the whole heap again and again, and the bench, which shares the
     cores with the server, took twice the CPU per answer. Answers are trees,
     freed by reference counting; what cycles there are wait until the end.
+    Everything alive is frozen (left out of later collections), not collected
+    first: a full collection of that heap before each of W7's many segments
+    cost minutes.
     """
-    gc.collect()
     gc.freeze()
     gc.disable()
     try:
@@ -258,7 +260,7 @@ async def run_cell(
             deadline = math.inf
         else:
             deadline = time.perf_counter() + max(0.0, duration - stats.elapsed)
-        with _no_cyclic_gc():  # its collection first, outside the CPU count
+        with _no_cyclic_gc():
             cpu = time.process_time()
             server_cpu = process_cpu_seconds(server_pid) if server_pid else None
             stats.elapsed += await _segment(
