@@ -26,7 +26,12 @@ from twisted.trial import unittest
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.storage.database import Database, is_retryable
 from synapse_xsign_module.storage.schema import host_users
-from synapse_xsign_module.storage.util import RawStatement, any_of, upsert
+from synapse_xsign_module.storage.util import (
+    RawStatement,
+    any_of,
+    insert_many,
+    upsert,
+)
 from tests.utils import capture_logs, prepare_database, remove_sqlite, test_db_url
 
 BUSY_TIMEOUT_MS = 1234
@@ -447,6 +452,34 @@ class RawStatementTest(DatabaseTestCase):
 
         self.assertEqual(await self.db.run("delete", delete), (2, 0))
         self.assertEqual(await self.db.run_read("ids", user_ids), ["@u0:x"])
+
+    async def test_insert_many(self) -> None:
+        """insert_many stores every row (one unnest statement on PostgreSQL);
+        a key already stored fails the whole transaction, storing nothing."""
+        t = host_users.c
+        rows = [{"user_id": f"@m{i}:x", "created_ts": 2**40 + i} for i in range(3)]
+
+        def ids_and_times(conn: Connection) -> list[Any]:
+            return sorted(
+                tuple(r) for r in conn.execute(select(t.user_id, t.created_ts))
+            )
+
+        await self.db.run("many", lambda conn: insert_many(conn, host_users, rows))
+        self.assertEqual(
+            await self.db.run_read("all", ids_and_times),
+            [(r["user_id"], r["created_ts"]) for r in rows],
+        )
+
+        def clash(conn: Connection) -> None:
+            insert_many(
+                conn,
+                host_users,
+                [{"user_id": "@fresh:x", "created_ts": 1}, rows[1]],
+            )
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("clash", clash)
+        self.assertEqual(len(await self.db.run_read("all", ids_and_times)), 3)
 
     async def test_upsert_of_many_rows(self) -> None:
         """Many rows in one upsert (one unnest statement on PostgreSQL): new

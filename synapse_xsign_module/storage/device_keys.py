@@ -41,6 +41,7 @@ from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
     chunks,
+    insert_many,
     lock_users,
     upsert,
 )
@@ -172,15 +173,6 @@ _OTKS_BY_KEY_ID = RawStatement(
         any_of(one_time_keys.c.key_id, "key_ids"),
     )
 )
-_OTK_COLUMNS = (
-    "user_id",
-    "device_id",
-    "algorithm",
-    "key_id",
-    "key_json",
-    "ts_added_ms",
-)
-_OTK_INSERT = RawStatement(one_time_keys.insert(), column_keys=_OTK_COLUMNS)
 _OTK_COUNTS = RawStatement(
     select(one_time_keys.c.algorithm, func.count())
     .where(
@@ -274,7 +266,7 @@ def upload_txn(
                 }
             )
         if to_insert:
-            _OTK_INSERT.execute_many(conn, to_insert)
+            insert_many(conn, one_time_keys, to_insert)
 
     for fb in fallbacks:
         old_fb = conn.execute(

@@ -57,7 +57,7 @@ def upsert(
     if not rows:
         return
     if len(rows) > 1 and conn.dialect.name == "postgresql":
-        _pg_bulk_upsert(conn, table, rows, key_columns, update_columns)
+        _pg_bulk_insert(conn, table, rows, tuple(key_columns), tuple(update_columns))
         return
     # One statement per shape, compiled once and run by the driver's
     # executemany: no new VALUES list per call, no per-row work in SQLAlchemy.
@@ -89,31 +89,49 @@ def _upsert_statement(
     )
 
 
-def _pg_bulk_upsert(
+def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows, all with the same keys (in the same order); a key already
+    there is an IntegrityError, and the transaction rolls back."""
+    if not rows:
+        return
+    if len(rows) > 1 and conn.dialect.name == "postgresql":
+        _pg_bulk_insert(conn, table, rows, (), ())
+        return
+    _insert_statement(table, tuple(rows[0])).execute_many(conn, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_statement(table: Table, columns: tuple[str, ...]) -> RawStatement:
+    return RawStatement(table.insert(), column_keys=columns)
+
+
+def _pg_bulk_insert(
     conn: Connection,
     table: Table,
     rows: list[dict[str, Any]],
-    key_columns: list[str],
-    update_columns: list[str],
+    key_columns: tuple[str, ...],
+    update_columns: tuple[str, ...],
 ) -> None:
     """Many rows in one PostgreSQL statement: each column bound as one array
     and expanded by ``unnest``. Run as one statement per row, 500 signatures
-    cost PostgreSQL 500 executions, each with its own index updates and
-    planning; this is one.
+    (or 50 one-time keys) cost PostgreSQL as many executions, each with its
+    own index updates and planning; this is one.
 
-    A key given twice keeps its last row (as one statement per row would):
-    one ``ON CONFLICT DO UPDATE`` may not touch a row twice.
+    With ``key_columns`` it is an upsert, and a key given twice keeps its last
+    row (as one statement per row would): one ``ON CONFLICT DO UPDATE`` may not
+    touch a row twice.
     """
-    by_key = {tuple(row[k] for k in key_columns): row for row in rows}
+    if key_columns:
+        rows = list({tuple(row[k] for k in key_columns): row for row in rows}.values())
     columns = tuple(rows[0])
-    sql = _pg_bulk_upsert_sql(table, columns, tuple(key_columns), tuple(update_columns))
-    arrays = [[row[c] for row in by_key.values()] for c in columns]
+    sql = _pg_bulk_insert_sql(table, columns, key_columns, update_columns)
+    arrays = [[row[c] for row in rows] for c in columns]
     with _driver_cursor(conn, sql, arrays) as cursor:
         cursor.execute(sql, arrays)
 
 
 @functools.lru_cache(maxsize=64)
-def _pg_bulk_upsert_sql(
+def _pg_bulk_insert_sql(
     table: Table,
     columns: tuple[str, ...],
     key_columns: tuple[str, ...],
@@ -123,12 +141,14 @@ def _pg_bulk_upsert_sql(
     arrays = ", ".join(
         f"%s::{table.c[c].type.compile(dialect=dialect)}[]" for c in columns
     )
-    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in update_columns)
-    return (
+    sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)})"
         f" SELECT * FROM unnest({arrays})"
-        f" ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {sets}"
     )
+    if not key_columns:
+        return sql
+    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in update_columns)
+    return f"{sql} ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {sets}"
 
 
 class _RawCompiled(NamedTuple):
