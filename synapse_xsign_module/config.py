@@ -80,6 +80,8 @@ class EmbeddedConfig:
         token_cache_ms: how long a verified access token is remembered (0: not
             at all). A token revoked by another process (``--workers``) keeps
             working here for at most this long.
+        gc_thresholds: the cyclic garbage collector's three generation
+            thresholds (``gc.set_threshold``); None keeps Python's.
     """
 
     server_name: str = "localhost"
@@ -90,6 +92,7 @@ class EmbeddedConfig:
     metrics_port: int | None = None
     metrics_bind_address: str = "127.0.0.1"
     token_cache_ms: int = 2000
+    gc_thresholds: tuple[int, int, int] | None = (100_000, 50, 1000)
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -150,6 +153,27 @@ def _get(
             path, f"must be of type {kind.__name__}, got {type(value).__name__}"
         )
     return value
+
+
+def _gc_thresholds(
+    section: Mapping[str, Any], default: tuple[int, int, int] | None
+) -> tuple[int, int, int] | None:
+    if "gc_thresholds" not in section:
+        return default
+    value = section["gc_thresholds"]
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not all(v > 0 for v in value)
+    ):
+        raise ConfigError(
+            "embedded.gc_thresholds",
+            "must be a list of three positive integers, or null",
+        )
+    return (value[0], value[1], value[2])
 
 
 def _metrics_port(section: Mapping[str, Any]) -> int | None:
@@ -270,6 +294,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
             "metrics_port",
             "metrics_bind_address",
             "token_cache_ms",
+            "gc_thresholds",
         },
     )
     e = EmbeddedConfig()
@@ -293,6 +318,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> XSignConfig:
             "embedded.token_cache_ms",
             _get(emb_raw, "embedded", "token_cache_ms", int, e.token_cache_ms),
         ),
+        gc_thresholds=_gc_thresholds(emb_raw, e.gc_thresholds),
     )
 
     c = XSignConfig()

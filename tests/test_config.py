@@ -84,6 +84,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
                 "x_forwarded": True,
                 "access_log": False,
                 "token_cache_ms": 0,
+                "gc_thresholds": [5000, 20, 30],
             },
         }
         config = parse_config(raw)
@@ -107,6 +108,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
                     x_forwarded=True,
                     access_log=False,
                     token_cache_ms=0,
+                    gc_thresholds=(5000, 20, 30),
                 ),
             ),
         )
@@ -217,6 +219,17 @@ class ParseConfigErrorsTest(unittest.TestCase):
     def test_non_string_option_name(self) -> None:
         """A non-string option name (YAML ``1: x``) is refused, naming the section."""
         self.assert_error({"database": {1: "x"}}, "database")
+
+    def test_gc_thresholds(self) -> None:
+        """Three positive integers, or null for Python's own; anything else is
+        refused, naming the option."""
+        emb = parse_config({"embedded": {"gc_thresholds": None}}).embedded
+        self.assertIsNone(emb.gc_thresholds)
+        self.assertEqual(parse_config({}).embedded.gc_thresholds, (100_000, 50, 1000))
+        for bad in ([1, 2], [1, 2, 0], [1, 2, True], "1,2,3", [1, 2, 3.5]):
+            self.assert_error(
+                {"embedded": {"gc_thresholds": bad}}, "embedded.gc_thresholds"
+            )
 
     def test_non_positive_numbers(self) -> None:
         """Zero and negative sizes, timeouts and counts are refused."""

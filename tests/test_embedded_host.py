@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import shutil
 import sys
 import tempfile
 from typing import Any
+
+from twisted.trial import unittest
 
 from synapse_xsign_module.hosts.embedded import cli
 from tests.utils import (
@@ -413,3 +416,23 @@ class RegisterUserCommandTest(HostTestCase):
         code, _, err = self.run_cli("register-user", "bob", "--password", "")
         self.assertEqual(code, 2)
         self.assertIn("password", err)
+
+
+class TuneGcTest(unittest.TestCase):
+    """``run`` sets the collector's thresholds and freezes what startup made."""
+
+    def setUp(self) -> None:
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+
+    def test_thresholds_set_and_startup_frozen(self) -> None:
+        gc.unfreeze()
+        cli.tune_gc((12345, 11, 13))
+        self.assertEqual(gc.get_threshold(), (12345, 11, 13))
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_none_keeps_pythons(self) -> None:
+        gc.set_threshold(700, 10, 10)
+        cli.tune_gc(None)
+        self.assertEqual(gc.get_threshold(), (700, 10, 10))
