@@ -255,7 +255,8 @@ class SignatureHandler:
         for i in stale:
             user_id, key_id = pending[i].item
             fail(user_id, key_id, Codes.UNKNOWN, "The key changed during the upload")
-        stored = [c for i, c in enumerate(pending) if i not in set(stale)]
+        stale_set = set(stale)
+        stored = [c for i, c in enumerate(pending) if i not in stale_set]
         self._notify(me, stored)
         return {"failures": failures}
 
