@@ -481,6 +481,32 @@ class RawStatementTest(DatabaseTestCase):
             await self.db.run("clash", clash)
         self.assertEqual(len(await self.db.run_read("all", ids_and_times)), 3)
 
+    async def test_many_rows_never_cut_short(self) -> None:
+        """A value longer than its column is refused (PostgreSQL) or kept whole
+        (SQLite, which has no lengths), never cut to the column's length."""
+        long_id = "@" + "x" * 300 + ":x"
+        rows = [
+            {"user_id": "@short:x", "created_ts": 1},
+            {"user_id": long_id, "created_ts": 2},
+        ]
+
+        def ids(conn: Connection) -> list[str]:
+            return [r[0] for r in conn.execute(select(host_users.c.user_id))]
+
+        for write in (
+            lambda conn: insert_many(conn, host_users, rows),
+            lambda conn: upsert(conn, host_users, rows, ["user_id"], ["created_ts"]),
+        ):
+            try:
+                await self.db.run("long", write)
+            except DBAPIError:
+                self.assertEqual(await self.db.run_read("ids", ids), [])
+            else:
+                self.assertIn(long_id, await self.db.run_read("ids", ids))
+                await self.db.run(
+                    "clear", lambda conn: conn.execute(host_users.delete())
+                )
+
     async def test_upsert_of_many_rows(self) -> None:
         """Many rows in one upsert (one unnest statement on PostgreSQL): new
         rows inserted, existing ones updated, a key given twice keeps its last

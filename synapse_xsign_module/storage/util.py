@@ -9,11 +9,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     BindParameter,
     Boolean,
     ColumnElement,
     Connection,
     Dialect,
+    Integer,
+    String,
     Table,
     Text,
     TypeDecorator,
@@ -130,6 +133,24 @@ def _pg_bulk_insert(
         cursor.execute(sql, arrays)
 
 
+def _pg_array_type(column_type: TypeEngine[Any]) -> str:
+    """The unbounded PostgreSQL array type for a column's values.
+
+    Never ``varchar(n)[]``: an explicit cast to ``varchar(n)`` cuts a longer
+    value short without an error, whereas the INSERT's own assignment to the
+    column refuses it.
+    """
+    if isinstance(column_type, Boolean):
+        return "boolean[]"
+    if isinstance(column_type, BigInteger):
+        return "bigint[]"
+    if isinstance(column_type, Integer):
+        return "integer[]"
+    if isinstance(column_type, String):  # Text is a String
+        return "text[]"
+    raise TypeError(f"no bulk array type for {column_type!r}")
+
+
 @functools.lru_cache(maxsize=64)
 def _pg_bulk_insert_sql(
     table: Table,
@@ -137,10 +158,7 @@ def _pg_bulk_insert_sql(
     key_columns: tuple[str, ...],
     update_columns: tuple[str, ...],
 ) -> str:
-    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
-    arrays = ", ".join(
-        f"%s::{table.c[c].type.compile(dialect=dialect)}[]" for c in columns
-    )
+    arrays = ", ".join(f"%s::{_pg_array_type(table.c[c].type)}" for c in columns)
     sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)})"
         f" SELECT * FROM unnest({arrays})"
