@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from signedjson.sign import sign_json
+
 from twisted.trial import unittest
 
 from synapse_xsign_module import XSignModule
@@ -21,6 +23,7 @@ from tests.utils import (
     SERVER_NAME,
     Client,
     TestUser,
+    cross_signing_key,
     make_config,
     prepare_database,
     public_key,
@@ -187,6 +190,41 @@ class KeysTest(SynapseHostTestCase):
         del self.api._store.devices[ALICE]["PHONE"]
         resp = await self.client.post(QUERY, query, token=alice.token)
         self.assertEqual(set(resp.json["device_keys"][ALICE]), {"ADEV"})
+
+    async def test_master_signature_kept_when_no_device_is_served(self) -> None:
+        """A query that names none of a user's devices still shows the master
+        key's signature by a device that exists in Synapse."""
+        alice = self.user(ALICE, "ADEV", "tok-alice")
+        bob = self.user(BOB, "BDEV", "tok-bob")
+        self.api._store.devices.setdefault(ALICE, {})["ADEV"] = None
+        resp = await self.client.post(
+            UPLOAD, {"device_keys": alice.device_keys()}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        resp = await self.upload_cross_signing(alice)
+        self.assertEqual(resp.code, 200, resp)
+        master = sign_json(
+            cross_signing_key(ALICE, "master", alice.master), ALICE, alice.device_key
+        )
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/signatures/upload",
+            {ALICE: {public_key(alice.master): master}},
+            token=alice.token,
+        )
+        self.assertEqual(resp.json, {"failures": {}}, resp)
+        for devices in ([], ["NOSUCH"]):
+            resp = await self.client.post(
+                QUERY, {"device_keys": {ALICE: devices}}, token=bob.token
+            )
+            served = resp.json["master_keys"][ALICE]
+            self.assertIn("ed25519:ADEV", served["signatures"][ALICE], devices)
+        # Deleted in Synapse: its signature is no longer served.
+        del self.api._store.devices[ALICE]["ADEV"]
+        resp = await self.client.post(
+            QUERY, {"device_keys": {ALICE: ["NOSUCH"]}}, token=bob.token
+        )
+        served = resp.json["master_keys"][ALICE]
+        self.assertNotIn("ed25519:ADEV", served.get("signatures", {}).get(ALICE, {}))
 
     async def test_upload_for_other_device_refused(self) -> None:
         """The device id comes from the fake's requester, not the body."""

@@ -215,8 +215,14 @@ class DeviceKeysHandler:
                 failures[server] = remote_failure(server)
 
         users = await self._user_keys(local, requester.user_id)
+        # Asked about the devices served and those whose signatures the master
+        # keys carry (the host may have deleted either).
         devices = await self._host.get_devices(
-            {u: list(keys.devices) for u, keys in users.items() if keys.devices}
+            {
+                u: list(keys.devices)
+                for u, keys in users.items()
+                if keys.devices or keys.master_signatures
+            }
         )
         return self._render_query(requester, local, users, devices, failures)
 
