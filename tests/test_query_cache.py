@@ -7,6 +7,7 @@ import random
 from typing import Any
 from urllib.parse import quote
 
+import attr
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import select
@@ -275,6 +276,34 @@ class RequesterSpecificTest(QueryCacheTestBase):
             )
 
 
+class RequesterSignaturesOnAMissTest(QueryCacheTestBase):
+    """A user-signing signature read together with an entry that is being
+    built (a miss) is not stored in that entry."""
+
+    async def test_signer_fills_the_cache(self) -> None:
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        carol = await self.ready_user("carol")
+        master = sign_json(self.master_obj(alice), carol.user_id, carol.user_signing)
+        failures = await self.sign_upload(
+            carol, {alice.user_id: {public_key(alice.master): master}}
+        )
+        self.assertEqual(failures, {})
+        usk_id = f"ed25519:{public_key(carol.user_signing)}"
+        misses = lookups("miss")
+        seen = await self.ask(carol, alice.user_id)  # builds Alice's entry
+        self.assertEqual(lookups("miss"), misses + 1)
+        self.assertIsNotNone(
+            sig_of(seen["master_keys"][alice.user_id], carol.user_id, usk_id)
+        )
+        hits = lookups("hit")
+        got = await self.ask(bob, alice.user_id)
+        self.assertEqual(lookups("hit"), hits + 1)
+        self.assertIsNone(
+            sig_of(got["master_keys"][alice.user_id], carol.user_id, usk_id)
+        )
+
+
 class SameAsUncachedTest(QueryCacheTestBase):
     """Random changes through two processes: after each one, every user's
     answer from a caching process equals the answer of a process that keeps no
@@ -381,6 +410,13 @@ class UserKeysCacheTest(unittest.TestCase):
         self.assertEqual(len(cache), 1)
         cache.discard("a")
         self.assertEqual((cache.size, len(cache)), (0, 0))
+
+    def test_older_version_does_not_replace_a_newer_one(self) -> None:
+        cache = UserKeysCache(5000)
+        newer = attr.evolve(entry(1000), version=7)
+        cache.put("a", newer)
+        cache.put("a", attr.evolve(entry(1000), version=6))
+        self.assertIs(cache.held(["a"])["a"], newer)
 
     def test_entry_larger_than_the_bound_is_not_kept(self) -> None:
         cache = UserKeysCache(1500)

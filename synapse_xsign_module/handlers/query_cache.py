@@ -52,7 +52,12 @@ class UserKeysCache:
         QUERY_CACHE_LOOKUPS.labels("miss").inc(misses)
 
     def put(self, user_id: str, keys: UserKeys) -> None:
-        """Hold a user's keys, dropping the least recently used beyond the bound."""
+        """Hold a user's keys, dropping the least recently used beyond the
+        bound. An entry at a newer version (put by a request that read later)
+        is kept."""
+        held = self._entries.get(user_id)
+        if held is not None and (held.version or 0) > (keys.version or 0):
+            return
         if keys.size > self.max_bytes:
             self.discard(user_id)
             return
