@@ -65,6 +65,17 @@ def user_ids(conn: Connection) -> list[str]:
     )
 
 
+def user_rows(conn: Connection) -> list[tuple[Any, ...]]:
+    """(user id, created_ts, is_admin) of every host user, by user id."""
+    t = host_users.c
+    return [
+        tuple(r)
+        for r in conn.execute(
+            select(t.user_id, t.created_ts, t.is_admin).order_by(t.user_id)
+        )
+    ]
+
+
 class DatabaseTestCase(unittest.TestCase):
     """A migrated, empty database of the engine under test."""
 
@@ -420,12 +431,7 @@ class RawStatementTest(DatabaseTestCase):
                 ["user_id"],
                 ["created_ts", "is_admin"],
             )
-            return [
-                tuple(r)
-                for r in conn.execute(
-                    select(t.user_id, t.created_ts, t.is_admin).order_by(t.user_id)
-                )
-            ]
+            return user_rows(conn)
 
         self.assertEqual(
             await self.db.run("many", txn),
@@ -511,7 +517,6 @@ class RawStatementTest(DatabaseTestCase):
         """Many rows in one upsert (one unnest statement on PostgreSQL): new
         rows inserted, existing ones updated, a key given twice keeps its last
         row, and values of every column type arrive intact."""
-        t = host_users.c
         odd = '@it\'s "q" \u00e9,{x}:x'
 
         def txn(conn: Connection) -> list[Any]:
@@ -534,12 +539,7 @@ class RawStatementTest(DatabaseTestCase):
                 ["user_id"],
                 ["created_ts", "is_admin"],
             )
-            return [
-                tuple(r)
-                for r in conn.execute(
-                    select(t.user_id, t.created_ts, t.is_admin).order_by(t.user_id)
-                )
-            ]
+            return user_rows(conn)
 
         self.assertEqual(
             sorted(await self.db.run("bulk", txn)),

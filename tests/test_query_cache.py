@@ -182,28 +182,24 @@ class ChangesServedAtOnceTest(QueryCacheTestBase):
             got["self_signing_keys"][alice.user_id], body["self_signing_key"]
         )
 
+    async def admin_delete(self, path: str) -> None:
+        """DELETE an admin API path as a new admin; asserts 200."""
+        admin = await self.user_with_device("admin", admin=True)
+        resp = await self.client.request("DELETE", ADMIN + path, token=admin.token)
+        self.assertEqual(resp.code, 200, resp)
+
     async def test_admin_reset(self) -> None:
         alice, bob = await self.primed()
-        admin = await self.user_with_device("admin", admin=True)
-        resp = await self.client.request(
-            "DELETE",
-            f"{ADMIN}/users/{quote(alice.user_id)}/cross_signing",
-            token=admin.token,
-        )
-        self.assertEqual(resp.code, 200, resp)
+        await self.admin_delete(f"/users/{quote(alice.user_id)}/cross_signing")
         got = await self.ask(bob, alice.user_id)
         self.assertNotIn(alice.user_id, got["master_keys"])
         self.assertNotIn(alice.user_id, got["self_signing_keys"])
 
     async def test_admin_deletes_device_keys(self) -> None:
         alice, bob = await self.primed()
-        admin = await self.user_with_device("admin", admin=True)
-        resp = await self.client.request(
-            "DELETE",
-            f"{ADMIN}/users/{quote(alice.user_id)}/devices/{alice.device_id}/keys",
-            token=admin.token,
+        await self.admin_delete(
+            f"/users/{quote(alice.user_id)}/devices/{alice.device_id}/keys"
         )
-        self.assertEqual(resp.code, 200, resp)
         got = await self.ask(bob, alice.user_id)
         self.assertEqual(got["device_keys"][alice.user_id], {})
 
