@@ -10,7 +10,7 @@ retires the SSK and USK it had signed, unless new ones come in the same upload.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import attr
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
@@ -76,7 +76,6 @@ _CURRENT_OF_USERS = RawStatement(
         _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
     ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
 )
-# The same, without the user-signing keys of anyone but the requester.
 _GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
     replacement_grants.c.user_id == bindparam("user")
 )
@@ -92,14 +91,10 @@ CurrentKeys = dict[str, dict[str, StoredKey]]
 
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
-    return _current_keys(conn, _CURRENT_OF_USERS, {"users": sorted(set(user_ids))})
-
-
-def _current_keys(
-    conn: Connection, stmt: RawStatement, params: dict[str, Any]
-) -> CurrentKeys:
     result: CurrentKeys = defaultdict(dict)
-    for u, kt, pub, kj, ts in stmt.rows(conn, params):
+    for u, kt, pub, kj, ts in _CURRENT_OF_USERS.rows(
+        conn, {"users": sorted(set(user_ids))}
+    ):
         result[u][kt] = StoredKey(kt, pub, kj, ts)
     return dict(result)
 
