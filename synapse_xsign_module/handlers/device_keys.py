@@ -13,7 +13,7 @@ from synapse_xsign_module.handlers.user_keys import (
     UserKeys,
     build_user_keys,
     with_requester_signatures,
-    with_signatures,
+    without_deleted_devices,
 )
 from synapse_xsign_module.handlers.validation import (
     require_dict,
@@ -291,11 +291,10 @@ class DeviceKeysHandler:
                     )
             device_keys.append(f"{user}:{{{','.join(devices_out)}}}")
 
-            master_json = keys.master_json
-            if existing is not None and keys.master is not None:
-                master_json = _without_deleted_devices(keys, user_id, existing)
-            if master_json is not None:
-                master_keys.append(f"{user}:{master_json}")
+            if existing is not None:
+                keys = without_deleted_devices(keys, user_id, existing)
+            if keys.master_json is not None:
+                master_keys.append(f"{user}:{keys.master_json}")
             if keys.self_signing_json is not None:
                 self_signing_keys.append(f"{user}:{keys.self_signing_json}")
             if keys.user_signing_json is not None and user_id == requester.user_id:
@@ -347,18 +346,3 @@ _NO_UNSIGNED = ',"unsigned":{}}'
 def _raw_object(members: list[str]) -> RawJson:
     """A JSON object from its members' text (``"key":value`` each)."""
     return RawJson("{" + ",".join(members) + "}")
-
-
-def _without_deleted_devices(keys: UserKeys, user_id: str, existing: set[str]) -> str:
-    """The master key's JSON without signatures by devices the host deleted."""
-    assert keys.master is not None
-    sigs = tuple(
-        sig
-        for sig in keys.master_signatures
-        if sig[0] != user_id
-        or not sig[1].startswith("ed25519:")
-        or sig[1][len("ed25519:") :] in existing
-    )
-    if len(sigs) == len(keys.master_signatures):
-        return keys.master_json or keys.master.key_json
-    return with_signatures(keys.master.key_json, sigs) if sigs else keys.master.key_json

@@ -62,6 +62,15 @@ class UserKeys:
             self, devices={d: devices[d] for d in device_ids if d in devices}
         )
 
+    def with_master_signatures(self, sigs: tuple[Signature, ...]) -> UserKeys:
+        """The same keys with other detached signatures over the master key."""
+        assert self.master is not None
+        return attr.evolve(
+            self,
+            master_signatures=sigs,
+            master_json=_signed_json(self.master.key_json, sigs),
+        )
+
 
 def build_user_keys(snap: KeySnapshot, user_id: str) -> UserKeys:
     """Render the keys a snapshot read for one user."""
@@ -82,11 +91,7 @@ def build_user_keys(snap: KeySnapshot, user_id: str) -> UserKeys:
         master_sigs = tuple(
             sorted(snap.own_signatures.get((user_id, master.public_key), ()))
         )
-        master_json = (
-            with_signatures(master.key_json, master_sigs)
-            if master_sigs
-            else master.key_json
-        )
+        master_json = _signed_json(master.key_json, master_sigs)
         size += len(master.key_json) + len(master_json)
     ssk = keys.get(SELF_SIGNING)
     usk = keys.get(USER_SIGNING)
@@ -161,9 +166,30 @@ def with_requester_signatures(
     extra = made_by_requester.get((user_id, keys.master.public_key))
     if not extra:
         return keys
-    sigs = tuple(sorted(keys.master_signatures + tuple(extra)))
-    return attr.evolve(
-        keys,
-        master_signatures=sigs,
-        master_json=with_signatures(keys.master.key_json, sigs),
+    return keys.with_master_signatures(
+        tuple(sorted(keys.master_signatures + tuple(extra)))
     )
+
+
+def without_deleted_devices(
+    keys: UserKeys, user_id: str, existing: set[str]
+) -> UserKeys:
+    """A user's keys without the master key's signatures by devices the host
+    deleted (``existing``: the user's devices that still exist)."""
+    if keys.master is None:
+        return keys
+    sigs = tuple(
+        sig
+        for sig in keys.master_signatures
+        if sig[0] != user_id
+        or not sig[1].startswith("ed25519:")
+        or sig[1][len("ed25519:") :] in existing
+    )
+    if len(sigs) == len(keys.master_signatures):
+        return keys
+    return keys.with_master_signatures(sigs)
+
+
+def _signed_json(key_json: str, sigs: tuple[Signature, ...]) -> str:
+    """A stored key's JSON with detached signatures (if any) merged in."""
+    return with_signatures(key_json, sigs) if sigs else key_json
