@@ -57,30 +57,45 @@ def upsert(
         key_columns: the columns of the unique key that conflicts.
         update_columns: the columns to overwrite on conflict.
     """
+    _write_many(conn, table, rows, tuple(key_columns), tuple(update_columns))
+
+
+def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows, all with the same keys (in the same order); a key already
+    there is an IntegrityError, and the transaction rolls back."""
+    _write_many(conn, table, rows, (), ())
+
+
+def _write_many(
+    conn: Connection,
+    table: Table,
+    rows: list[dict[str, Any]],
+    key_columns: tuple[str, ...],
+    update_columns: tuple[str, ...],
+) -> None:
+    """Insert (with ``key_columns``: upsert) rows: one unnest statement on
+    PostgreSQL, else one statement compiled once and run by the driver's
+    executemany (no new VALUES list per call, no per-row work in SQLAlchemy)."""
     if not rows:
         return
     if len(rows) > 1 and conn.dialect.name == "postgresql":
-        _pg_bulk_insert(conn, table, rows, tuple(key_columns), tuple(update_columns))
+        _pg_bulk_insert(conn, table, rows, key_columns, update_columns)
         return
-    # One statement per shape, compiled once and run by the driver's
-    # executemany: no new VALUES list per call, no per-row work in SQLAlchemy.
-    _upsert_statement(
-        conn.dialect.name,
-        table,
-        tuple(rows[0]),
-        tuple(key_columns),
-        tuple(update_columns),
+    _insert_statement(
+        conn.dialect.name, table, tuple(rows[0]), key_columns, update_columns
     ).execute_many(conn, rows)
 
 
 @functools.lru_cache(maxsize=64)
-def _upsert_statement(
+def _insert_statement(
     dialect_name: str,
     table: Table,
     columns: tuple[str, ...],
     key_columns: tuple[str, ...],
     update_columns: tuple[str, ...],
 ) -> RawStatement:
+    if not key_columns:
+        return RawStatement(table.insert(), column_keys=columns)
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     stmt = dialect.insert(table)
     return RawStatement(
@@ -90,22 +105,6 @@ def _upsert_statement(
         ),
         column_keys=columns,
     )
-
-
-def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert rows, all with the same keys (in the same order); a key already
-    there is an IntegrityError, and the transaction rolls back."""
-    if not rows:
-        return
-    if len(rows) > 1 and conn.dialect.name == "postgresql":
-        _pg_bulk_insert(conn, table, rows, (), ())
-        return
-    _insert_statement(table, tuple(rows[0])).execute_many(conn, rows)
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_statement(table: Table, columns: tuple[str, ...]) -> RawStatement:
-    return RawStatement(table.insert(), column_keys=columns)
 
 
 def _pg_bulk_insert(
