@@ -255,12 +255,7 @@ class RequesterSpecificTest(QueryCacheTestBase):
         bob = await self.ready_user("bob")
         carol = await self.ready_user("carol")
         await self.ask(bob, alice.user_id)  # cached
-        master = sign_json(self.master_obj(alice), carol.user_id, carol.user_signing)
-        failures = await self.sign_upload(
-            carol, {alice.user_id: {public_key(alice.master): master}}
-        )
-        self.assertEqual(failures, {})
-        usk_id = f"ed25519:{public_key(carol.user_signing)}"
+        usk_id = await self.usk_sign_master(carol, alice)
         seen = await self.ask(carol, alice.user_id)
         self.assertIsNotNone(
             sig_of(seen["master_keys"][alice.user_id], carol.user_id, usk_id)
@@ -280,12 +275,7 @@ class RequesterSignaturesOnAMissTest(QueryCacheTestBase):
         alice = await self.ready_user("alice")
         bob = await self.ready_user("bob")
         carol = await self.ready_user("carol")
-        master = sign_json(self.master_obj(alice), carol.user_id, carol.user_signing)
-        failures = await self.sign_upload(
-            carol, {alice.user_id: {public_key(alice.master): master}}
-        )
-        self.assertEqual(failures, {})
-        usk_id = f"ed25519:{public_key(carol.user_signing)}"
+        usk_id = await self.usk_sign_master(carol, alice)
         misses = lookups("miss")
         seen = await self.ask(carol, alice.user_id)  # builds Alice's entry
         self.assertEqual(lookups("miss"), misses + 1)
@@ -359,10 +349,7 @@ class SameAsUncachedTest(QueryCacheTestBase):
     ) -> None:
         """A user signs another user's master key."""
         signer, target = rng.sample(users, 2)
-        master = sign_json(self.master_obj(target), signer.user_id, signer.user_signing)
-        await self.sign_upload(
-            signer, {target.user_id: {public_key(target.master): master}}
-        )
+        await self.usk_sign_master(signer, target)
 
     async def step_replace(self, rng: random.Random, users: list[TestUser]) -> None:
         """A user replaces the cross-signing keys."""

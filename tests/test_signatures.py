@@ -76,6 +76,16 @@ class SignatureTestBase(CrossSigningTestBase):
         self.assertEqual(self.signature_rows(), 2)
         return master
 
+    async def usk_sign_master(self, signer: TestUser, target: TestUser) -> str:
+        """``signer``'s user-signing key signs ``target``'s master key; asserts
+        it was stored and returns the signing key's id."""
+        master = sign_json(self.master_obj(target), signer.user_id, signer.user_signing)
+        failures = await self.sign_upload(
+            signer, {target.user_id: {public_key(target.master): master}}
+        )
+        self.assertEqual(failures, {})
+        return f"ed25519:{public_key(signer.user_signing)}"
+
     def signature_rows(self) -> int:
         """How many signatures are stored."""
         with self.db.engine.connect() as conn:
