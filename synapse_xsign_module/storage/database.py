@@ -124,7 +124,7 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
         # A bare postgresql:// URL means psycopg 3, the driver we ship with.
         url = url.set(drivername="postgresql+psycopg")
     try:
-        return create_engine(
+        engine = create_engine(
             url,
             pool_size=config.threads(),
             max_overflow=SPARE_CONNECTIONS,
@@ -137,6 +137,24 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
             f"this URL needs a driver that is not installed ({e.name}); "
             "install 'synapse_xsign_module[postgres]'",
         ) from e
+    if engine.dialect.driver == "psycopg":
+        _setup_psycopg(engine)
+    return engine
+
+
+def _setup_psycopg(engine: Engine) -> None:
+    """Send list parameters (arrays) in PostgreSQL's binary format.
+
+    In the text format, psycopg escapes every element of an array with a
+    regular expression: for the 50 one-time keys of one ``/keys/upload``, whose
+    JSON is full of quotes, that cost more CPU than everything else the
+    request does. Binary array elements are sent as they are.
+    """
+    from psycopg.types.array import ListBinaryDumper
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def _setup_sqlite(engine: Engine, busy_timeout_ms: int, wal: bool) -> None:
