@@ -15,14 +15,19 @@ from typing import Any
 import attr
 from sqlalchemy import (
     Connection,
+    Text,
     and_,
     bindparam,
+    cast,
     delete,
     func,
+    literal_column,
+    null,
     or_,
     select,
     text,
     tuple_,
+    union_all,
     update,
 )
 
@@ -104,19 +109,8 @@ def delete_signatures_on_device_txn(
     conn: Connection, user_id: str, device_id: str
 ) -> None:
     """Drop every signature made over, or by, a device's keys."""
-    conn.execute(
-        delete(signatures).where(
-            or_(
-                and_(
-                    signatures.c.target_user_id == user_id,
-                    signatures.c.target_key_id == device_id,
-                ),
-                and_(
-                    signatures.c.signer_user_id == user_id,
-                    signatures.c.signer_key_id == f"ed25519:{device_id}",
-                ),
-            )
-        )
+    _DELETE_SIGNATURES_OVER_OR_BY.execute(
+        conn, {"user": user_id, "device": device_id, "key": f"ed25519:{device_id}"}
     )
 
 
@@ -140,12 +134,28 @@ def _drop_invalidated_signatures(
     by = old is None or (old.get("keys") or {}).get(key_id) != (
         new.get("keys") or {}
     ).get(key_id)
-    if over:
+    if over and by:
+        delete_signatures_on_device_txn(conn, user_id, device_id)
+    elif over:
         _DELETE_SIGNATURES_OVER.execute(conn, {"user": user_id, "key": device_id})
-    if by:
+    elif by:
         _DELETE_SIGNATURES_BY.execute(conn, {"user": user_id, "key": key_id})
 
 
+_DELETE_SIGNATURES_OVER_OR_BY = RawStatement(
+    delete(signatures).where(
+        or_(
+            and_(
+                signatures.c.target_user_id == bindparam("user"),
+                signatures.c.target_key_id == bindparam("device"),
+            ),
+            and_(
+                signatures.c.signer_user_id == bindparam("user"),
+                signatures.c.signer_key_id == bindparam("key"),
+            ),
+        )
+    )
+)
 _DELETE_SIGNATURES_OVER = RawStatement(
     delete(signatures).where(
         signatures.c.target_user_id == bindparam("user"),
@@ -161,28 +171,36 @@ _DELETE_SIGNATURES_BY = RawStatement(
 
 
 # Statements of the upload path, compiled once and run on the driver's cursor.
-_DEVICE_KEY_JSON = RawStatement(
-    select(device_keys.c.key_json).where(
-        device_keys.c.user_id == bindparam("user"),
-        device_keys.c.device_id == bindparam("device"),
-    )
-)
-_OTKS_BY_KEY_ID = RawStatement(
-    select(
-        one_time_keys.c.algorithm, one_time_keys.c.key_id, one_time_keys.c.key_json
-    ).where(
-        one_time_keys.c.user_id == bindparam("user"),
-        one_time_keys.c.device_id == bindparam("device"),
-        any_of(one_time_keys.c.key_id, "key_ids"),
+_OTK = one_time_keys.c
+
+#: Everything an upload reads, in one statement (one round trip): the device's
+#: stored keys (kind "d"), its stored one-time keys with the uploaded ids
+#: ("o"), and its unclaimed one-time keys per algorithm ("c").
+_UPLOAD_READ = RawStatement(
+    union_all(
+        select(
+            literal_column("'d'"),
+            device_keys.c.key_json,
+            null(),
+            null(),
+        ).where(
+            device_keys.c.user_id == bindparam("user"),
+            device_keys.c.device_id == bindparam("device"),
+        ),
+        select(literal_column("'o'"), _OTK.algorithm, _OTK.key_id, _OTK.key_json).where(
+            _OTK.user_id == bindparam("user"),
+            _OTK.device_id == bindparam("device"),
+            any_of(_OTK.key_id, "key_ids"),
+        ),
+        select(literal_column("'c'"), _OTK.algorithm, cast(func.count(), Text), null())
+        .where(_OTK.user_id == bindparam("user"), _OTK.device_id == bindparam("device"))
+        .group_by(_OTK.algorithm),
     )
 )
 _OTK_COUNTS = RawStatement(
-    select(one_time_keys.c.algorithm, func.count())
-    .where(
-        one_time_keys.c.user_id == bindparam("user"),
-        one_time_keys.c.device_id == bindparam("device"),
-    )
-    .group_by(one_time_keys.c.algorithm)
+    select(_OTK.algorithm, func.count())
+    .where(_OTK.user_id == bindparam("user"), _OTK.device_id == bindparam("device"))
+    .group_by(_OTK.algorithm)
 )
 
 
@@ -205,11 +223,24 @@ def upload_txn(
     # uploads at once (a client retrying) would both see nothing stored and the
     # second insert would hit a unique key (500). SQLite's writers are serial.
     lock_users(conn, [user_id])
+    old_json: str | None = None
+    existing: dict[tuple[str, str], str] = {}
+    counts: dict[str, int] = {}
+    key_ids = sorted({k.key_id for k in otks})
+    rows = _UPLOAD_READ.rows(
+        conn, {"user": user_id, "device": device_id, "key_ids": key_ids}
+    )
+    for kind, first, second, third in rows:
+        if kind == "d":
+            old_json = first
+        elif kind == "o":
+            existing[(first, second)] = third
+        else:
+            counts[first] = int(second)
+
     changed = False
     if new_device_keys is not None:
         new_json = canonical_json(new_device_keys)
-        found = _DEVICE_KEY_JSON.rows(conn, {"user": user_id, "device": device_id})
-        old_json = found[0][0] if found else None
         if old_json != new_json:
             changed = True
             upsert(
@@ -232,18 +263,7 @@ def upload_txn(
             bump_txn(conn, [user_id])
 
     if otks:
-        existing: dict[tuple[str, str], str] = {}
-        rows = _OTKS_BY_KEY_ID.rows(
-            conn,
-            {
-                "user": user_id,
-                "device": device_id,
-                "key_ids": sorted({k.key_id for k in otks}),
-            },
-        )
-        for alg, kid, kjson in rows:
-            existing[(alg, kid)] = kjson
-        to_insert = []
+        to_insert: list[dict[str, Any]] = []
         seen: dict[tuple[str, str], str] = {}
         for k in otks:
             ident = (k.algorithm, k.key_id)
@@ -270,6 +290,12 @@ def upload_txn(
             )
         if to_insert:
             insert_many(conn, one_time_keys, to_insert)
+            # The count read above plus what this transaction added: uploads
+            # of a device are serialized (lock_users), so no other upload
+            # adds keys in between; a claim committed meanwhile is as
+            # invisible here as one committed just after a fresh count.
+            for algorithm, _ in seen:
+                counts[algorithm] = counts.get(algorithm, 0) + 1
 
     for fb in fallbacks:
         old_fb = conn.execute(
@@ -301,7 +327,6 @@ def upload_txn(
             ["key_id", "key_json", "used"],
         )
 
-    counts = count_one_time_keys_txn(conn, user_id, device_id)
     if otks:
         for algorithm, count in counts.items():
             if count > MAX_UNCLAIMED_PER_ALGORITHM:

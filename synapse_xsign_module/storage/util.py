@@ -291,14 +291,7 @@ def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     users = sorted(set(user_ids))
     if not users or conn.dialect.name != "postgresql":
         return
-    conn.execute(
-        text(
-            "SELECT pg_advisory_xact_lock(k) FROM ("
-            " SELECT hashtextextended(u, 7349) AS k FROM unnest(:users) AS u"
-            " ORDER BY 1) AS s"
-        ).bindparams(bindparam("users", type_=postgresql.ARRAY(postgresql.TEXT))),
-        {"users": users},
-    )
+    _LOCK_USERS.rows(conn, {"users": users})
 
 
 class StringList(TypeDecorator[list[str]]):
@@ -358,3 +351,13 @@ def any_of(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     SQLAlchemy, which otherwise costs more than the query for long lists.
     """
     return _AnyOf(column, bindparam(name, type_=StringList()))
+
+
+# Runs on every key-changing transaction: prebuilt, on the driver's cursor.
+_LOCK_USERS = RawStatement(
+    text(
+        "SELECT pg_advisory_xact_lock(k) FROM ("
+        " SELECT hashtextextended(u, 7349) AS k FROM unnest(:users) AS u"
+        " ORDER BY 1) AS s"
+    ).bindparams(bindparam("users", type_=StringList()))
+)
