@@ -355,6 +355,37 @@ class KeysUploadTest(HostTestCase):
         self.assertEqual(await self.otk_rows(alice), [])
         self.assertEqual(await self.fallback_rows(alice), [])
 
+    async def test_malformed_key_object_is_rejected_and_named(self) -> None:
+        """A key object with a bad ``key``, ``signatures`` or ``fallback`` is
+        M_BAD_JSON naming the field; nothing of the request is stored."""
+        alice = await self.user_with_device("alice", "ADEV")
+        good = signed_key(alice)
+        sigs = good["signatures"]
+        bad_shapes = [
+            ({"signatures": sigs}, ".key"),
+            ({"key": 5, "signatures": sigs}, ".key"),
+            ({"key": "k", "signatures": []}, ".signatures"),
+            ({"key": "k", "signatures": {alice.user_id: "s"}}, ".signatures"),
+            ({"key": "k", "signatures": {alice.user_id: {"ed25519:X": 1}}}, ".sig"),
+            ({"key": "k", "fallback": "yes"}, ".fallback"),
+        ]
+        for field in ("one_time_keys", "fallback_keys"):
+            for shape, named in bad_shapes:
+                body = {field: {f"{ALG}:GOOD": good, f"{ALG}:BAD": shape}}
+                resp = await self.upload(alice, body)
+                self.assert_error(resp)
+                self.assertIn(f"{field}.{ALG}:BAD{named}", resp.json["error"])
+        self.assertEqual(await self.otk_rows(alice), [])
+        self.assertEqual(await self.fallback_rows(alice), [])
+
+        # The optional members may be absent, and a key may be a plain string.
+        resp = await self.upload(
+            alice,
+            {"one_time_keys": {f"{ALG}:A": {"key": "k"}, "curve25519:B": "k2"}},
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(len(await self.otk_rows(alice)), 2)
+
     async def test_same_one_time_key_again_is_not_counted_twice(self) -> None:
         """Same id + same content (or only another signature) is 200 and counted once."""
         alice = await self.user_with_device("alice", "ADEV")

@@ -49,15 +49,20 @@ def remote_failure(server: str) -> JsonDict:
 
 
 def _parse_key_map(value: Any, name: str) -> list[OneTimeKey]:
-    """Parse ``one_time_keys`` / ``fallback_keys``: ``alg:id`` -> key."""
+    """Parse ``one_time_keys`` / ``fallback_keys``: ``alg:id`` -> key.
+
+    An upload carries dozens of keys: each is checked by a fast path that builds
+    no error text, and a key that fails it is checked again by the helpers that
+    name what is wrong.
+    """
     keys = require_dict(value, name)
     out = []
     for full_id, key in keys.items():
-        if full_id.count(":") != 1:
+        algorithm, colon, key_id = full_id.partition(":")
+        if not colon or ":" in key_id:
             raise bad_json(
                 f"Invalid {name} key '{full_id}'. Expected \"<algorithm>:<key_id>\"."
             )
-        algorithm, key_id = full_id.split(":")
         if not algorithm or not key_id:
             raise bad_json(f"Invalid {name} key '{full_id}': empty algorithm or id")
         if len(algorithm) > MAX_ID_LENGTH or len(key_id) > MAX_ID_LENGTH:
@@ -66,15 +71,35 @@ def _parse_key_map(value: Any, name: str) -> list[OneTimeKey]:
                 f"{MAX_ID_LENGTH} characters"
             )
         if isinstance(key, dict):
-            require_str(key.get("key"), f"{name}.{full_id}.key")
-            if "signatures" in key:
-                require_signatures(key["signatures"], f"{name}.{full_id}.signatures")
-            if "fallback" in key and not isinstance(key["fallback"], bool):
-                raise bad_json(f"'{name}.{full_id}.fallback' must be a boolean")
+            if not (
+                isinstance(key.get("key"), str)
+                and _is_signatures(key.get("signatures", _NO_SIGNATURES))
+                and isinstance(key.get("fallback", False), bool)
+            ):
+                _explain_bad_key(key, f"{name}.{full_id}")
         elif not isinstance(key, str):
             raise bad_json(f"'{name}.{full_id}' must be a string or a key object")
         out.append(OneTimeKey(algorithm, key_id, canonical_json(key)))
     return out
+
+
+_NO_SIGNATURES: dict[str, Any] = {}
+
+
+def _is_signatures(value: Any) -> bool:
+    """Whether ``value`` is a signatures map (user -> key id -> string)."""
+    return isinstance(value, dict) and all(
+        isinstance(sigs, dict) and all(isinstance(s, str) for s in sigs.values())
+        for sigs in value.values()
+    )
+
+
+def _explain_bad_key(key: dict[str, Any], name: str) -> None:
+    """Raise the 400 naming what is wrong with a one-time or fallback key."""
+    require_str(key.get("key"), f"{name}.key")
+    if "signatures" in key:
+        require_signatures(key["signatures"], f"{name}.signatures")
+    raise bad_json(f"'{name}.fallback' must be a boolean")
 
 
 def parse_device_keys(value: Any, requester: Requester) -> dict[str, Any]:
