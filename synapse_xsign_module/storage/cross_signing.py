@@ -13,7 +13,18 @@ from collections import defaultdict
 from typing import NamedTuple
 
 import attr
-from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    literal_column,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 
 from twisted.internet import defer
 
@@ -24,7 +35,12 @@ from synapse_xsign_module.storage.schema import (
     replacement_grants,
     signatures,
 )
-from synapse_xsign_module.storage.util import RawStatement, any_of, lock_users
+from synapse_xsign_module.storage.util import (
+    RawStatement,
+    any_of,
+    insert_many,
+    lock_users,
+)
 from synapse_xsign_module.storage.versions import bump_txn
 
 MASTER = "master"
@@ -76,13 +92,63 @@ _CURRENT_OF_USERS = RawStatement(
         _CK.user_id, _CK.key_type, _CK.public_key, _CK.key_json, _CK.uploaded_ts
     ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None))
 )
-_GRANT_EXPIRY = select(replacement_grants.c.expires_ts).where(
-    replacement_grants.c.user_id == bindparam("user")
+_RG = replacement_grants.c
+_DK = device_keys.c
+#: What an upload of cross-signing keys decides on, in one statement (one round
+#: trip): the user's current keys (kind "k"), the replacement window's expiry
+#: ("g") and which of the given ids name one of the user's devices ("d").
+_STATE = RawStatement(
+    union_all(
+        select(
+            literal_column("'k'"),
+            _CK.key_type,
+            _CK.public_key,
+            _CK.key_json,
+            _CK.uploaded_ts,
+        ).where(_CK.user_id == bindparam("user"), _CK.replaced_ts.is_(None)),
+        select(literal_column("'g'"), null(), null(), null(), _RG.expires_ts).where(
+            _RG.user_id == bindparam("user")
+        ),
+        select(literal_column("'d'"), _DK.device_id, null(), null(), null()).where(
+            _DK.user_id == bindparam("user"), any_of(_DK.device_id, "ids")
+        ),
+    )
 )
-_DEVICES_NAMED = select(device_keys.c.device_id).where(
-    device_keys.c.user_id == bindparam("user"),
-    any_of(device_keys.c.device_id, "ids"),
-)
+
+
+class KeyState(NamedTuple):
+    """What :func:`get_state_txn` read of one user.
+
+    Attributes:
+        keys: key type -> current key.
+        grant_expiry: when the replacement window closes (ms), if one is open
+            or was opened.
+        device_ids_named: those of the asked-for ids that are device ids of the
+            user with stored keys.
+    """
+
+    keys: dict[str, StoredKey]
+    grant_expiry: int | None
+    device_ids_named: set[str]
+
+
+def get_state_txn(
+    conn: Connection, user_id: str, device_ids: list[str] | None = None
+) -> KeyState:
+    """A user's current keys, replacement window, and which of ``device_ids``
+    are the user's devices, in one statement."""
+    keys: dict[str, StoredKey] = {}
+    grant_expiry: int | None = None
+    named: set[str] = set()
+    rows = _STATE.rows(conn, {"user": user_id, "ids": sorted(set(device_ids or ()))})
+    for kind, first, public_key, key_json, ts in rows:
+        if kind == "k":
+            keys[first] = StoredKey(first, public_key, key_json, ts)
+        elif kind == "g":
+            grant_expiry = ts
+        else:
+            named.add(first)
+    return KeyState(keys, grant_expiry, named)
 
 
 #: user id -> key type -> current key
@@ -148,13 +214,13 @@ def replace_keys_txn(
             with keys; nothing was stored.
     """
     lock_users(conn, [user_id])
-    current = get_current_txn(conn, [user_id]).get(user_id, {})
+    state = get_state_txn(conn, user_id, [k.public_key for k in new_keys.values()])
+    current = state.keys
     for kt in KEY_TYPES:
         have = current.get(kt)
         if (have.key_json if have else None) != expected.get(kt):
             raise IdentityChanged(user_id)
-    pubs = sorted({k.public_key for k in new_keys.values()})
-    if pubs and conn.execute(_DEVICES_NAMED, {"user": user_id, "ids": pubs}).first():
+    if state.device_ids_named:
         raise KeyIdInUse(user_id)
 
     old_master = current.get(MASTER)
@@ -165,6 +231,7 @@ def replace_keys_txn(
         and old_master.public_key != new_master.public_key
     )
     changed = False
+    rows = []
     for kt in KEY_TYPES:
         old = current.get(kt)
         new = new_keys.get(kt)
@@ -174,28 +241,30 @@ def replace_keys_txn(
             changed = True
             if old is not None:
                 _retire_txn(conn, user_id, old, now_ms, "replaced")
-            conn.execute(
-                cross_signing_keys.insert().values(
-                    user_id=user_id,
-                    key_type=kt,
-                    public_key=new.public_key,
-                    key_json=new.key_json,
-                    uploaded_ts=now_ms,
-                )
+            rows.append(
+                {
+                    "user_id": user_id,
+                    "key_type": kt,
+                    "public_key": new.public_key,
+                    "key_json": new.key_json,
+                    "uploaded_ts": now_ms,
+                }
             )
         elif old is not None and master_changed:
             # The old SSK/USK was signed by the old master: it no longer chains.
             changed = True
             _retire_txn(conn, user_id, old, now_ms, "master_replaced")
+    # After every retirement: a key type has one current row at a time.
+    insert_many(conn, cross_signing_keys, rows)
     if changed:
         bump_txn(conn, [user_id])
-    if new_master is not None and (
-        old_master is None or old_master.key_json != new_master.key_json
+    if (
+        new_master is not None
+        and (old_master is None or old_master.key_json != new_master.key_json)
+        and state.grant_expiry is not None
     ):
-        # A new master closes any admin-granted replacement window.
-        conn.execute(
-            delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
-        )
+        # A new master closes the admin-granted replacement window.
+        _delete_grant_txn(conn, user_id)
 
 
 def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
@@ -210,16 +279,14 @@ def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
         _retire_txn(conn, user_id, old, now_ms, "reset")
     if current:
         bump_txn(conn, [user_id])
-    conn.execute(
-        delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
-    )
+    _delete_grant_txn(conn, user_id)
     return len(current)
 
 
-def get_grant_txn(conn: Connection, user_id: str) -> int | None:
-    """Expiry (ms) of the user's UIA-free replacement window, if any."""
-    expires: int | None = conn.execute(_GRANT_EXPIRY, {"user": user_id}).scalar()
-    return expires
+def _delete_grant_txn(conn: Connection, user_id: str) -> None:
+    conn.execute(
+        delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
+    )
 
 
 def set_grant_txn(
@@ -229,9 +296,7 @@ def set_grant_txn(
     current = get_current_txn(conn, [user_id]).get(user_id, {})
     if MASTER not in current:
         return False
-    conn.execute(
-        delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
-    )
+    _delete_grant_txn(conn, user_id)
     conn.execute(
         replacement_grants.insert().values(
             user_id=user_id,
@@ -273,8 +338,8 @@ class CrossSigningStore:
         """The user's current keys and replacement-window expiry, in one read."""
 
         def txn(conn: Connection) -> tuple[dict[str, StoredKey], int | None]:
-            keys = get_current_txn(conn, [user_id]).get(user_id, {})
-            return keys, get_grant_txn(conn, user_id)
+            state = get_state_txn(conn, user_id)
+            return state.keys, state.grant_expiry
 
         return self._db.run_read("get_cross_signing_state", txn)
 
