@@ -8,6 +8,11 @@ from urllib.parse import quote
 
 from signedjson.sign import sign_json
 
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from synapse_xsign_module.storage.util import lock_users
 from tests.test_cross_signing import CrossSigningTestBase
 from tests.utils import TestUser, public_key
 
@@ -226,6 +231,44 @@ class WindowTest(AdminTestBase):
         )
         resp = await self.upload(alice, alice.make_cross_signing())
         self.assertEqual(resp.code, 401, resp)
+
+    async def test_opening_waits_for_a_key_change_in_progress(self) -> None:
+        """Opening the window takes the user's lock, as uploads do: an upload
+        of a new master (which closes the window) cannot miss a window opened
+        while it runs."""
+        if not self.db_url.startswith("postgresql"):
+            raise unittest.SkipTest("SQLite writers are serial anyway")
+        alice = await self.ready_user("alice")
+        conn = self.db.engine.connect()
+        self.addCleanup(conn.close)
+        tx = conn.begin()
+        lock_users(conn, [alice.user_id])  # an upload of alice's keys, running
+        opening = defer.ensureDeferred(
+            self.call(
+                "POST",
+                f"/users/{u(alice.user_id)}/_allow_cross_signing_replacement_without_uia",
+                {},
+            )
+        )
+
+        def waiting_for_lock(c: Any) -> int:
+            return int(
+                c.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks"
+                    " WHERE locktype = 'advisory' AND NOT granted"
+                ).scalar_one()
+            )
+
+        with self.db.engine.connect() as probe:
+            for _ in range(500):
+                if waiting_for_lock(probe):
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(waiting_for_lock(probe), 1)
+        self.assertFalse(opening.called)
+        tx.rollback()
+        resp = await opening
+        self.assertEqual(resp.code, 200, resp)
 
     async def test_synapse_compatible_path(self) -> None:
         """The embedded host also serves Synapse's admin path for the window."""

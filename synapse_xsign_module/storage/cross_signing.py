@@ -292,7 +292,12 @@ def _delete_grant_txn(conn: Connection, user_id: str) -> None:
 def set_grant_txn(
     conn: Connection, user_id: str, expires_ts: int, granted_by: str, now_ms: int
 ) -> bool:
-    """Open (or extend) the replacement window; False when there is no master."""
+    """Open (or extend) the replacement window; False when there is no master.
+
+    The user is locked as for an upload: an upload of a new master closes the
+    window, and must not miss one opened while it ran.
+    """
+    lock_users(conn, [user_id])
     current = get_current_txn(conn, [user_id]).get(user_id, {})
     if MASTER not in current:
         return False
