@@ -9,6 +9,9 @@ from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import event, func, select
 
+from twisted.internet import defer
+
+from synapse_xsign_module.storage import signatures as storage_signatures
 from synapse_xsign_module.storage.schema import signatures
 from tests.test_cross_signing import CrossSigningTestBase
 from tests.utils import TestUser, make_device_keys, public_key
@@ -617,3 +620,91 @@ class LargeRequestTest(SignatureTestBase):
                 sig_of(got, alice.user_id, ssk_id),
                 sig_of(body[alice.user_id][device_id], alice.user_id, ssk_id),
             )
+
+
+class KeyChangedDuringUploadTest(SignatureTestBase):
+    """A key that changes between the verification and the store is reported,
+    and its signature is not stored; unchanged keys are not read twice."""
+
+    def change_before_store(self, change: Any) -> None:
+        """Run ``change()`` (async) just before the next store transaction."""
+        store = self.service.signature_store
+        original = store.store
+
+        def store_after_change(*args: Any) -> defer.Deferred[list[int]]:
+            async def go() -> list[int]:
+                await change()
+                return await original(*args)
+
+            return defer.ensureDeferred(go())
+
+        self.patch(store, "store", store_after_change)
+
+    async def test_own_device_changed_meanwhile(self) -> None:
+        alice = await self.ready_user("alice")
+        signed = self.ssk_signed_device(alice)
+
+        async def new_device_keys() -> None:
+            keys = make_device_keys(
+                alice.user_id, alice.device_id, generate_signing_key("new")
+            )
+            resp = await self.client.post(
+                KEYS_UPLOAD, {"device_keys": keys}, token=alice.token
+            )
+            self.assertEqual(resp.code, 200, resp)
+
+        self.change_before_store(new_device_keys)
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: signed}}
+        )
+        self.assertEqual(
+            failures,
+            {
+                alice.user_id: {
+                    alice.device_id: {
+                        "errcode": "M_UNKNOWN",
+                        "error": "The key changed during the upload",
+                    }
+                }
+            },
+        )
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_other_users_master_changed_meanwhile(self) -> None:
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        master = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
+        master_id = public_key(bob.master)
+
+        async def bob_resets_identity() -> None:
+            resp = await self.replace_with_uia(bob, bob.make_cross_signing())
+            self.assertEqual(resp.code, 200, resp)
+
+        self.change_before_store(bob_resets_identity)
+        failures = await self.sign_upload(alice, {bob.user_id: {master_id: master}})
+        self.assertEqual(failures[bob.user_id][master_id]["errcode"], "M_UNKNOWN")
+        self.assertNotEqual(public_key(bob.master), master_id)
+        self.assertEqual(self.signature_rows(), 0)
+
+    async def test_unchanged_keys_are_read_once(self) -> None:
+        """With every key version unchanged, the store reads no key again."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        reads: list[str] = []
+        for name in ("get_device_keys_txn", "get_current_txn"):
+            real = getattr(storage_signatures, name)
+
+            def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+                reads.append(_name)
+                return _real(*args)
+
+            self.patch(storage_signatures, name, counted)
+        master = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
+        body = {
+            alice.user_id: {alice.device_id: self.ssk_signed_device(alice)},
+            bob.user_id: {public_key(bob.master): master},
+        }
+        self.assertEqual(await self.sign_upload(alice, body), {})
+        self.assertEqual(self.signature_rows(), 2)
+        # Once each, by the read the verification is based on.
+        self.assertEqual(sorted(reads), ["get_current_txn", "get_device_keys_txn"])

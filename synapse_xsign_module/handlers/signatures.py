@@ -194,7 +194,11 @@ class SignatureHandler:
         context = await self._store.load_context(
             me, others, _mentioned_devices(me, own_items)
         )
-        cross, my_devices, already_stored = context
+        cross, my_devices, already_stored = (
+            context.cross,
+            context.devices,
+            context.stored,
+        )
 
         failures: dict[str, dict[str, JsonDict]] = {}
         checks: list[_Check] = []
@@ -250,7 +254,7 @@ class SignatureHandler:
                 fail(target_user, key_id, Codes.INVALID_SIGNATURE, "Invalid signature")
         pending = [c for c in checks if c.item not in bad_items]
         stale = await self._store.store(
-            [c.pending for c in pending], self._clock.time_msec()
+            [c.pending for c in pending], self._clock.time_msec(), context.versions
         )
         for i in stale:
             user_id, key_id = pending[i].item

@@ -23,7 +23,7 @@ from synapse_xsign_module.storage.util import (
     lock_users,
     upsert,
 )
-from synapse_xsign_module.storage.versions import bump_txn
+from synapse_xsign_module.storage.versions import bump_txn, get_versions_txn
 
 #: (target user, target key id) -> list of (signer user, signer key id, signature)
 VisibleSignatures = dict[tuple[str, str], list[tuple[str, str, str]]]
@@ -67,6 +67,38 @@ class PendingSignature(NamedTuple):
     target: Basis
 
 
+def _versions_unchanged(
+    conn: Connection, users: set[str], versions: dict[str, int | None] | None
+) -> bool:
+    """Whether every user in ``users`` has the key version given in
+    ``versions`` (no version read for a user counts as changed)."""
+    if versions is None or not users <= versions.keys():
+        return False
+    current = get_versions_txn(conn, list(users))
+    return all(current.get(u) == versions[u] for u in users)
+
+
+def _stale_signatures(
+    conn: Connection, pending: list[PendingSignature], bases: list[Basis]
+) -> list[int]:
+    """Indexes of the signatures whose signing or signed key is no longer the
+    one they were verified against (every key read again)."""
+    cross = get_current_txn(conn, [b.user_id for b in bases if b.kind != "device"])
+    device_query: dict[str, list[str]] = defaultdict(list)
+    for b in bases:
+        if b.kind == "device":
+            device_query[b.user_id].append(b.ident)
+    devices = get_device_keys_txn(conn, dict(device_query)) if device_query else {}
+    return [
+        i
+        for i, p in enumerate(pending)
+        if not (
+            _basis_holds(p.signer, cross, devices)  # type: ignore[arg-type]
+            and _basis_holds(p.target, cross, devices)  # type: ignore[arg-type]
+        )
+    ]
+
+
 def _basis_holds(
     basis: Basis,
     cross: dict[str, dict[str, object]],
@@ -79,7 +111,10 @@ def _basis_holds(
 
 
 def store_signatures_txn(
-    conn: Connection, pending: list[PendingSignature], now_ms: int
+    conn: Connection,
+    pending: list[PendingSignature],
+    now_ms: int,
+    versions: dict[str, int | None] | None = None,
 ) -> list[int]:
     """Store verified signatures whose keys did not change since verification.
 
@@ -87,6 +122,10 @@ def store_signatures_txn(
         conn: the connection.
         pending: the signatures.
         now_ms: the time.
+        versions: the key versions of the users whose keys were read for the
+            verification (:class:`SignatureContext`), read before those keys.
+            When every user of ``pending`` still has the same version, no key
+            has changed since, and the keys are not read again.
 
     Returns:
         Indexes into ``pending`` of signatures not stored because the signing
@@ -95,21 +134,16 @@ def store_signatures_txn(
     if not pending:
         return []
     bases = [b for p in pending for b in (p.signer, p.target)]
-    lock_users(conn, {b.user_id for b in bases})
-    cross = get_current_txn(conn, [b.user_id for b in bases if b.kind != "device"])
-    device_query: dict[str, list[str]] = defaultdict(list)
-    for b in bases:
-        if b.kind == "device":
-            device_query[b.user_id].append(b.ident)
-    devices = get_device_keys_txn(conn, dict(device_query)) if device_query else {}
-    stale: list[int] = []
+    users = {b.user_id for b in bases}
+    lock_users(conn, users)
+    if _versions_unchanged(conn, users, versions):
+        stale: list[int] = []
+    else:
+        stale = _stale_signatures(conn, pending, bases)
+    stale_set = set(stale)
     rows = {}
     for i, p in enumerate(pending):
-        if not (
-            _basis_holds(p.signer, cross, devices)  # type: ignore[arg-type]
-            and _basis_holds(p.target, cross, devices)  # type: ignore[arg-type]
-        ):
-            stale.append(i)
+        if i in stale_set:
             continue
         rows[(p.target_user_id, p.target_key_id, p.signer_user_id, p.signer_key_id)] = {
             "target_user_id": p.target_user_id,
@@ -205,9 +239,28 @@ _SIGNED_BY = RawStatement(
 )
 
 
+class SignatureContext(NamedTuple):
+    """What a signature upload is checked against (:func:`load_context_txn`).
+
+    Attributes:
+        cross: the current cross-signing keys of the uploader and the other
+            users.
+        devices: those of the uploader's devices that have keys (device id ->
+            key JSON).
+        stored: the stored signatures the uploader made over those users' keys.
+        versions: the key version of the uploader and of each other user (None
+            for a user with none), read before everything else.
+    """
+
+    cross: CurrentKeys
+    devices: dict[str, str]
+    stored: OwnSignatures
+    versions: dict[str, int | None]
+
+
 def load_context_txn(
     conn: Connection, user_id: str, other_users: list[str], device_ids: list[str]
-) -> tuple[CurrentKeys, dict[str, str], OwnSignatures]:
+) -> SignatureContext:
     """What a signature upload is checked against.
 
     Args:
@@ -216,13 +269,13 @@ def load_context_txn(
         other_users: the other users whose keys are signed.
         device_ids: the uploader's devices the upload mentions (signed or
             signing); only these are read.
-
-    Returns:
-        The current cross-signing keys of the uploader and the other users,
-        those of the uploader's devices that have keys (device id -> key JSON),
-        and the stored signatures the uploader made over those users' keys.
     """
-    cross = get_current_txn(conn, [user_id, *other_users])
+    # First: a key that changes after this read changes its user's version,
+    # so that the store can tell whether what follows is still current.
+    users = [user_id, *other_users]
+    found = get_versions_txn(conn, users)
+    versions = {u: found.get(u) for u in users}
+    cross = get_current_txn(conn, users)
     devices: dict[str, str] = {}
     if device_ids:
         devices = get_device_keys_txn(conn, {user_id: device_ids}).get(user_id, {})
@@ -232,7 +285,7 @@ def load_context_txn(
             conn, {"signer": user_id, "users": sorted({user_id, *other_users})}
         )
     }
-    return cross, devices, stored
+    return SignatureContext(cross, devices, stored, versions)
 
 
 class SignatureStore:
@@ -247,14 +300,19 @@ class SignatureStore:
 
     def load_context(
         self, user_id: str, other_users: list[str], device_ids: list[str]
-    ) -> defer.Deferred[tuple[CurrentKeys, dict[str, str], OwnSignatures]]:
+    ) -> defer.Deferred[SignatureContext]:
         """See :func:`load_context_txn`."""
         return self._db.run_read(
             "signature_context", load_context_txn, user_id, other_users, device_ids
         )
 
     def store(
-        self, pending: list[PendingSignature], now_ms: int
+        self,
+        pending: list[PendingSignature],
+        now_ms: int,
+        versions: dict[str, int | None] | None = None,
     ) -> defer.Deferred[list[int]]:
         """See :func:`store_signatures_txn`."""
-        return self._db.run("store_signatures", store_signatures_txn, pending, now_ms)
+        return self._db.run(
+            "store_signatures", store_signatures_txn, pending, now_ms, versions
+        )
