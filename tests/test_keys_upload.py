@@ -10,6 +10,7 @@ from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_j
 from sqlalchemy import Connection, select
 
 from twisted.internet import defer
+from twisted.trial import unittest
 
 from synapse_xsign_module.hosts.embedded.accounts import hash_token, new_token
 from synapse_xsign_module.storage.schema import (
@@ -618,3 +619,48 @@ class OneTimeKeyCapTest(HostTestCase):
             list(resp.json["one_time_keys"][alice.user_id]["ADEV"]),
             ["signed_curve25519:K3"],
         )
+
+    async def test_claim_during_upload_does_not_cost_a_key(self) -> None:
+        """A claim committed while an upload runs is seen before trimming: the
+        upload deletes no key when the device is back under the cap."""
+        if not self.db_url.startswith("postgresql"):
+            raise unittest.SkipTest(
+                "SQLite writers are serial: no claim can interleave"
+            )
+        from synapse_xsign_module.storage import device_keys as store
+
+        self.patch(store, "MAX_UNCLAIMED_PER_ALGORITHM", 5)
+        alice = await self.user_with_device("alice", "ADEV")
+        alg = "signed_curve25519"
+        first = {f"{alg}:K{i}": {"key": f"k{i}"} for i in range(5)}
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/upload",
+            {"one_time_keys": first},
+            token=alice.token,
+        )
+        self.assertEqual(resp.json["one_time_key_counts"][alg], 5)
+
+        real_insert_many = store.insert_many
+
+        def insert_then_claim(conn: Connection, *args: Any) -> None:
+            real_insert_many(conn, *args)
+            # Another transaction claims (and commits) one of the stored keys
+            # while the upload's transaction is still open.
+            with self.db.engine.begin() as other:
+                claimed = store.claim_txn(other, [(alice.user_id, "ADEV", alg)])
+            self.assertEqual(list(claimed[alice.user_id]["ADEV"]), [f"{alg}:K0"])
+
+        self.patch(store, "insert_many", insert_then_claim)
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/upload",
+            {"one_time_keys": {f"{alg}:K5": {"key": "k5"}}},
+            token=alice.token,
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(resp.json["one_time_key_counts"][alg], 5)
+        with self.db.engine.connect() as conn:
+            c = one_time_keys.c
+            rows = conn.execute(
+                select(c.key_id).where(c.user_id == alice.user_id).order_by(c.key_id)
+            ).scalars()
+            self.assertEqual(list(rows), ["K1", "K2", "K3", "K4", "K5"])

@@ -291,9 +291,11 @@ def upload_txn(
         if to_insert:
             insert_many(conn, one_time_keys, to_insert)
             # The count read above plus what this transaction added: uploads
-            # of a device are serialized (lock_users), so no other upload
-            # adds keys in between; a claim committed meanwhile is as
-            # invisible here as one committed just after a fresh count.
+            # of a device are serialized (lock_users), so no other upload adds
+            # keys in between. Claims do not take that lock: one committed
+            # meanwhile makes the count too high by what it took, which is as
+            # stale as a count read just before that claim (the trimming
+            # below counts again before it deletes anything).
             for algorithm, _ in seen:
                 counts[algorithm] = counts.get(algorithm, 0) + 1
 
@@ -327,7 +329,10 @@ def upload_txn(
             ["key_id", "key_json", "used"],
         )
 
-    if otks:
+    if otks and max(counts.values(), default=0) > MAX_UNCLAIMED_PER_ALGORITHM:
+        # Over the cap by the counts above: count again (a claim may have
+        # taken keys meanwhile) before deleting any key.
+        counts = count_one_time_keys_txn(conn, user_id, device_id)
         for algorithm, count in counts.items():
             if count > MAX_UNCLAIMED_PER_ALGORITHM:
                 _drop_oldest_txn(
