@@ -255,7 +255,8 @@ class WindowTest(AdminTestBase):
             return int(
                 c.exec_driver_sql(
                     "SELECT count(*) FROM pg_locks"
-                    " WHERE locktype = 'advisory' AND NOT granted"
+                    " WHERE locktype = 'advisory' AND NOT granted AND database ="
+                    " (SELECT oid FROM pg_database WHERE datname = current_database())"
                 ).scalar_one()
             )
 

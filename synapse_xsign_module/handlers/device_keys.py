@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from json.encoder import encode_basestring
-from typing import Any
+from typing import Any, NoReturn
 
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.errors import Codes, MatrixError, bad_json
@@ -94,8 +94,13 @@ def _is_signatures(value: Any) -> bool:
     )
 
 
-def _explain_bad_key(key: dict[str, Any], name: str) -> None:
-    """Raise the 400 naming what is wrong with a one-time or fallback key."""
+def _explain_bad_key(key: dict[str, Any], name: str) -> NoReturn:
+    """Raise the 400 naming what is wrong with a one-time or fallback key.
+
+    Called only for a key the fast path refused: the helpers accept exactly
+    what it accepts, so when ``key`` and ``signatures`` pass them, ``fallback``
+    is what is wrong.
+    """
     require_str(key.get("key"), f"{name}.key")
     if "signatures" in key:
         require_signatures(key["signatures"], f"{name}.signatures")

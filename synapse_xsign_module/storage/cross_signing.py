@@ -135,8 +135,18 @@ class KeyState(NamedTuple):
 def get_state_txn(
     conn: Connection, user_id: str, device_ids: list[str] | None = None
 ) -> KeyState:
-    """A user's current keys, replacement window, and which of ``device_ids``
-    are the user's devices, in one statement."""
+    """A user's keys and replacement window, in one statement.
+
+    Args:
+        conn: the connection.
+        user_id: the user.
+        device_ids: ids to look for among the user's devices with keys (the
+            public keys of cross-signing keys about to be stored).
+
+    Returns:
+        The current keys, the window's expiry, and which of ``device_ids``
+        are device ids of the user.
+    """
     keys: dict[str, StoredKey] = {}
     grant_expiry: int | None = None
     named: set[str] = set()
@@ -284,6 +294,7 @@ def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
 
 
 def _delete_grant_txn(conn: Connection, user_id: str) -> None:
+    """Close the user's replacement window, if one is open."""
     conn.execute(
         delete(replacement_grants).where(replacement_grants.c.user_id == user_id)
     )

@@ -70,8 +70,13 @@ class PendingSignature(NamedTuple):
 def _versions_unchanged(
     conn: Connection, users: set[str], versions: dict[str, int | None] | None
 ) -> bool:
-    """Whether every user in ``users`` has the key version given in
-    ``versions`` (no version read for a user counts as changed)."""
+    """Whether every user in ``users`` still has the key version given in
+    ``versions``.
+
+    A user missing from ``versions`` (not read) counts as changed. A user read
+    with no version row (None) and still without one is unchanged: version
+    rows are never deleted, and every key change writes one.
+    """
     if versions is None or not users <= versions.keys():
         return False
     current = get_versions_txn(conn, list(users))
