@@ -559,6 +559,27 @@ class ConnectionReuseTest(DatabaseTestCase):
         self.db.close()
         self.assertEqual(self.db.engine.pool.checkedout(), 0)  # type: ignore[attr-defined]
 
+    async def test_failed_read_leaves_connection_usable(self) -> None:
+        """A read that ran a statement and then failed leaves its kept
+        connection ready for the next read and the next write."""
+
+        def read_then_fail(conn: Connection) -> None:
+            conn.execute(select(func.count()).select_from(host_users)).scalar_one()
+            raise ValueError("the caller's own error")
+
+        def count(conn: Connection) -> int:
+            return int(
+                conn.execute(select(func.count()).select_from(host_users)).scalar_one()
+            )
+
+        for _ in range(2):  # the failing read may land on either pool thread
+            with self.assertRaises(ValueError):
+                await self.db.run_read("fails", read_then_fail)
+        for i in range(4):
+            self.assertEqual(await self.db.run_read("r", count), i)
+            await self.db.run("w", add_user, f"@after{i}:x")
+        self.assertEqual(len(await self.all_users()), 4)
+
 
 class MaxAttemptsTest(DatabaseTestCase):
     """max_attempts bounds the retries."""
