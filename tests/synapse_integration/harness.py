@@ -6,6 +6,7 @@ synchronous trial tests), so nothing here runs on the test's reactor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -35,6 +36,15 @@ MODULE_LISTENER = """\
     x_forwarded: true
     resources: []
 """
+
+
+#: Starts tried when a picked port turns out to be taken.
+START_ATTEMPTS = 3
+
+
+def _port_taken(failure: str) -> bool:
+    """Whether a failed start's output says a port was already in use."""
+    return "Address already in use" in failure or "EADDRINUSE" in failure
 
 
 def free_port() -> int:
@@ -101,6 +111,7 @@ class SynapseServer:
         self.module_db_url = module_db_url or f"sqlite:///{self.dir}/xsign.db"
         self.log_path = os.path.join(self.dir, "homeserver.log")
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._module_listener = module_listener
         self._write_config(module_listener)
 
     @property
@@ -134,7 +145,31 @@ class SynapseServer:
         self.config_path = os.path.join(self.dir, "homeserver.yaml")
 
     def start(self) -> None:
-        """Generate keys, start Synapse (and the front), wait until healthy."""
+        """Generate keys, start Synapse (and the front), wait until healthy.
+
+        A port :func:`free_port` picked can be taken by another process before
+        Synapse or the front binds it: such a start is tried again on new ports.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                return
+            except RuntimeError as e:
+                if attempt == START_ATTEMPTS or not _port_taken(str(e)):
+                    raise
+            self._new_ports()
+
+    def _new_ports(self) -> None:
+        """Pick new ports, rewrite the config and drop the failed start's logs."""
+        self.client_port = free_port()
+        self.module_port = free_port() if self._module_listener else None
+        self.front_port = free_port()
+        self._write_config(self._module_listener)
+        for name in ("homeserver.log", "stdout.log", "front.log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.dir, name))
+
+    def _start_once(self) -> None:
         subprocess.run(
             [sys.executable, "-m", "synapse.app.homeserver", "-c", self.config_path]
             + ["--generate-keys"],
@@ -180,6 +215,7 @@ class SynapseServer:
                     self.stop()
                     raise RuntimeError(
                         f"a process exited during startup:\n{self.log_tail()}"
+                        f"\n--- front:\n{self._front_log()}"
                     )
                 try:
                     with urllib.request.urlopen(url, timeout=2) as resp:
@@ -215,6 +251,16 @@ class SynapseServer:
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:
                 return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def _front_log(self) -> str:
+        """The end of the routing front's output."""
+        try:
+            with open(
+                os.path.join(self.dir, "front.log"), encoding="utf-8", errors="replace"
+            ) as f:
+                return f.read()[-2000:]
         except FileNotFoundError:
             return ""
 
