@@ -61,18 +61,9 @@ class WorkersTestBase:
     def setUp(self: Any) -> None:
         self.dir = tempfile.mkdtemp(prefix="xsign-workers-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        url = self.database_url()
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.db_url = self.database_url()
         self.config = os.path.join(self.dir, "config.yaml")
-        with open(self.config, "w", encoding="utf-8") as f:
-            yaml.safe_dump(
-                {
-                    "database": {"url": url, "threadpool_size": 4},
-                    "embedded": {"server_name": SERVER_NAME, "port": self.port},
-                },
-                f,
-            )
+        self._write_config()
         self.log = os.path.join(self.dir, "server.log")
         cli = [
             sys.executable,
@@ -88,19 +79,46 @@ class WorkersTestBase:
                 capture_output=True,
                 timeout=60,
             )
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [*cli, "run", "--workers", "2"], stdout=out, stderr=subprocess.STDOUT
-            )
         self.addCleanup(self._stop)
+        # The picked port may be taken before the supervisor binds it: then
+        # start again on another.
+        for attempt in range(1, 4):
+            with open(self.log, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [*cli, "run", "--workers", "2"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            if self._wait_healthy():
+                return
+            if attempt == 3 or "Address already in use" not in self._log():
+                self.fail(f"workers did not start:\n{self._log()}")
+            self._stop()
+            self._write_config()
+
+    def _write_config(self) -> None:
+        """The config of both processes, on a newly picked port."""
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        with open(self.config, "w", encoding="utf-8") as f:
+            yaml.safe_dump(
+                {
+                    "database": {"url": self.db_url, "threadpool_size": 4},
+                    "embedded": {"server_name": SERVER_NAME, "port": self.port},
+                },
+                f,
+            )
+
+    def _wait_healthy(self) -> bool:
+        """Whether /health answers before the deadline and the process lives."""
         deadline = time.monotonic() + 30
         while True:
             try:
                 with urllib.request.urlopen(f"{self.base}/health", timeout=2):
-                    break
+                    return True
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.fail(f"workers did not start:\n{self._log()}")
+                    return False
                 time.sleep(0.2)
 
     def _stop(self) -> None:
