@@ -68,7 +68,7 @@ class PendingSignature(NamedTuple):
 
 
 def _versions_unchanged(
-    conn: Connection, users: set[str], versions: dict[str, int | None] | None
+    conn: Connection, users: set[str], versions: dict[str, int | None]
 ) -> bool:
     """Whether every user in ``users`` still has the key version given in
     ``versions``.
@@ -77,7 +77,7 @@ def _versions_unchanged(
     with no version row (None) and still without one is unchanged: version
     rows are never deleted, and every key change writes one.
     """
-    if versions is None or not users <= versions.keys():
+    if not users <= versions.keys():
         return False
     current = get_versions_txn(conn, list(users))
     return all(current.get(u) == versions[u] for u in users)
@@ -119,7 +119,7 @@ def store_signatures_txn(
     conn: Connection,
     pending: list[PendingSignature],
     now_ms: int,
-    versions: dict[str, int | None] | None = None,
+    versions: dict[str, int | None],
 ) -> list[int]:
     """Store verified signatures whose keys did not change since verification.
 
@@ -287,7 +287,7 @@ def load_context_txn(
     stored = {
         (tu, tk, sk): sig
         for tu, tk, sk, sig in _SIGNED_BY.rows(
-            conn, {"signer": user_id, "users": sorted({user_id, *other_users})}
+            conn, {"signer": user_id, "users": sorted(set(users))}
         )
     }
     return SignatureContext(cross, devices, stored, versions)
@@ -315,7 +315,7 @@ class SignatureStore:
         self,
         pending: list[PendingSignature],
         now_ms: int,
-        versions: dict[str, int | None] | None = None,
+        versions: dict[str, int | None],
     ) -> defer.Deferred[list[int]]:
         """See :func:`store_signatures_txn`."""
         return self._db.run(
