@@ -179,24 +179,32 @@ def _own_cpu_and_parent(pid: int) -> tuple[float, int] | None:
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) of a process and its live children (Linux ``/proc``).
+    """CPU time (user + system) of a process and its live descendants (Linux
+    ``/proc``).
 
-    The children count for ``run --workers N``, whose supervisor does no work
-    itself. None when ``/proc`` cannot tell.
+    The descendants count: the workers of ``run --workers N``, whose
+    supervisor does no work itself, and their signature verification
+    processes. None when ``/proc`` cannot tell.
     """
     own = _own_cpu_and_parent(pid)
     if own is None:
         return None
-    total = own[0]
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return total
+        return own[0]
+    children: dict[int, list[tuple[int, float]]] = {}
     for entry in entries:
         if entry.isdigit() and int(entry) != pid:
-            child = _own_cpu_and_parent(int(entry))
-            if child is not None and child[1] == pid:
-                total += child[0]
+            other = _own_cpu_and_parent(int(entry))
+            if other is not None:
+                children.setdefault(other[1], []).append((int(entry), other[0]))
+    total = own[0]
+    parents = [pid]
+    while parents:
+        for child, cpu in children.get(parents.pop(), []):
+            total += cpu
+            parents.append(child)
     return total
 
 

@@ -12,6 +12,7 @@ from synapse_xsign_module.handlers.cross_signing import CrossSigningHandler
 from synapse_xsign_module.handlers.device_keys import DeviceKeysHandler
 from synapse_xsign_module.handlers.query_cache import UserKeysCache
 from synapse_xsign_module.handlers.signatures import SignatureHandler
+from synapse_xsign_module.handlers.verification import SignatureVerifier
 from synapse_xsign_module.host import Host
 from synapse_xsign_module.http.admin import ADMIN_PREFIX, build_admin_resource
 from synapse_xsign_module.http.base import JsonResource
@@ -35,6 +36,9 @@ class XSignService:
         host: the homeserver host.
         reactor: the reactor.
         db: an existing Database (tests); built from the config if omitted.
+        verification_processes: worker processes for large signature batches
+            (the host resolves the configured value, see
+            :meth:`XSignConfig.verification_processes_for`).
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class XSignService:
         host: Host,
         reactor: Any,
         db: Database | None = None,
+        verification_processes: int = 0,
     ) -> None:
         self.config = config
         self.host = host
@@ -66,7 +71,12 @@ class XSignService:
         self.cross_signing = CrossSigningHandler(
             host, self.cross_signing_store, self.clock
         )
-        self.signatures = SignatureHandler(host, self.signature_store, self.clock)
+        self.signatures = SignatureHandler(
+            host,
+            self.signature_store,
+            self.clock,
+            SignatureVerifier(host, verification_processes),
+        )
         self.schema_version: str | None = None
         self.admin = AdminHandler(
             host,
@@ -95,8 +105,10 @@ class XSignService:
             return
         self.migrate()
         self.db.start()
-        self.signatures.pool.start()
-        self.reactor.addSystemEventTrigger("during", "shutdown", self.signatures.stop)
+        self.signatures.verifier.pool.start()
+        self.reactor.addSystemEventTrigger(
+            "during", "shutdown", self.signatures.verifier.stop
+        )
         self._started = True
         logger.info(
             "synapse-xsign ready: database %s (%s), schema %s",
@@ -107,7 +119,7 @@ class XSignService:
 
     def stop(self) -> None:
         """Stop the thread pools (tests; the reactor does it on shutdown)."""
-        self.signatures.stop()
+        self.signatures.verifier.stop()
         self.db.close()
         self._started = False
 

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from synapse_xsign_module import XSignModule
+from synapse_xsign_module import config as config_module
 from synapse_xsign_module.config import (
     DEFAULT_DATABASE_URL,
     DatabaseConfig,
@@ -77,6 +78,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
             "uia": {"session_timeout_ms": 60000, "allow_dummy": True},
             "replacement_window_ms": 99000,
             "key_query_cache_mb": 5,
+            "verification_processes": 3,
             "embedded": {
                 "server_name": "example.org",
                 "bind_address": "0.0.0.0",
@@ -101,6 +103,7 @@ class ParseConfigDefaultsTest(unittest.TestCase):
                 uia=UIAConfig(session_timeout_ms=60000, allow_dummy=True),
                 replacement_window_ms=99000,
                 key_query_cache_mb=5,
+                verification_processes=3,
                 embedded=EmbeddedConfig(
                     server_name="example.org",
                     bind_address="0.0.0.0",
@@ -247,10 +250,27 @@ class ParseConfigErrorsTest(unittest.TestCase):
             ({"replacement_window_ms": 0}, "replacement_window_ms"),
             ({"embedded": {"token_cache_ms": -1}}, "embedded.token_cache_ms"),
             ({"key_query_cache_mb": -1}, "key_query_cache_mb"),
+            ({"verification_processes": -1}, "verification_processes"),
         ]
         for raw, key in cases:
             err = self.assert_error(raw, key)
             self.assertIn("positive", err.message)
+
+    def test_verification_processes_default_depends_on_the_host(self) -> None:
+        """Unset (or null): one per core on the embedded host, none under
+        Synapse or on one core; a number, including 0, is taken as it is."""
+        for cores, embedded, synapse in ((4, 4, 0), (1, 0, 0), (None, 0, 0)):
+            self.patch(config_module.os, "cpu_count", lambda c=cores: c)
+            for raw in ({}, {"verification_processes": None}):
+                config = parse_config(raw)
+                self.assertEqual(config.verification_processes_for(True), embedded)
+                self.assertEqual(config.verification_processes_for(False), synapse)
+            for n in (0, 2):
+                config = parse_config({"verification_processes": n})
+                self.assertEqual(config.verification_processes_for(True), n)
+                self.assertEqual(config.verification_processes_for(False), n)
+        self.assert_error({"verification_processes": True}, "verification_processes")
+        self.assert_error({"verification_processes": "2"}, "verification_processes")
 
     def test_bad_database_url_scheme(self) -> None:
         """Database URLs other than sqlite and postgresql are refused."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 from typing import Any
 
 from signedjson.key import generate_signing_key
@@ -357,7 +358,7 @@ class LifecycleTest(SignatureTestBase):
     async def test_identical_signature_is_not_verified_again(self) -> None:
         """Re-uploading the stored signature succeeds without another check; a
         different signature under the same key id is still checked."""
-        from synapse_xsign_module.handlers import signatures as handler_module
+        from synapse_xsign_module.handlers import verification as handler_module
 
         alice = await self.ready_user("alice")
         checked: list[bytes] = []
@@ -620,6 +621,85 @@ class LargeRequestTest(SignatureTestBase):
                 sig_of(got, alice.user_id, ssk_id),
                 sig_of(body[alice.user_id][device_id], alice.user_id, ssk_id),
             )
+
+
+class VerificationProcessesTest(SignatureTestBase):
+    """With ``verification_processes``, the large batches of uploads handled
+    at the same time are checked in worker processes, with the same answer,
+    signature by signature, as in threads; an upload handled alone is checked
+    in threads."""
+
+    config_overrides = {"verification_processes": 2}
+
+    async def signed_devices(
+        self, name: str, n: int, bad: set[int]
+    ) -> tuple[TestUser, dict[str, Any]]:
+        """A user with ``n`` devices and an upload body in which the SSK signs
+        them all; those in ``bad`` get a signature over other content."""
+        user = await self.ready_user(name)
+        from synapse_xsign_module.storage.device_keys import upload_txn
+
+        body: dict[str, Any] = {}
+        with self.db.engine.begin() as conn:
+            for i in range(n):
+                device_id = f"D{i:04d}"
+                keys = make_device_keys(
+                    user.user_id, device_id, generate_signing_key(device_id)
+                )
+                upload_txn(conn, user.user_id, device_id, keys, [], [], 0)
+                signed = sign_json(copy.deepcopy(keys), user.user_id, user.self_signing)
+                if i in bad:
+                    other = sign_json(
+                        {**keys, "user_id": "@mallory:test.local"},
+                        user.user_id,
+                        user.self_signing,
+                    )
+                    signed["signatures"] = other["signatures"]
+                body[device_id] = signed
+        return user, {user.user_id: body}
+
+    def expected(self, user: TestUser, bad: set[int]) -> dict[str, Any]:
+        invalid = {"errcode": "M_INVALID_SIGNATURE", "error": "Invalid signature"}
+        return {user.user_id: {f"D{i:04d}": invalid for i in bad}} if bad else {}
+
+    async def test_concurrent_uploads_checked_in_processes(self) -> None:
+        alice, alice_body = await self.signed_devices("alice", 300, {0, 150, 299})
+        bob, bob_body = await self.signed_devices("bob", 200, {99})
+        got = await defer.gatherResults(
+            [
+                defer.ensureDeferred(self.sign_upload(alice, alice_body)),
+                defer.ensureDeferred(self.sign_upload(bob, bob_body)),
+            ]
+        )
+        self.assertEqual(got[0], self.expected(alice, {0, 150, 299}))
+        self.assertEqual(got[1], self.expected(bob, {99}))
+        self.assertEqual(self.signature_rows(), 300 - 3 + 200 - 1)
+        self.assertEqual(len(multiprocessing.active_children()), 2)
+
+    async def test_upload_alone_is_checked_in_threads(self) -> None:
+        alice, body = await self.signed_devices("alice", 300, {7})
+        self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
+        self.assertEqual(self.signature_rows(), 299)
+        self.assertEqual(multiprocessing.active_children(), [])
+
+
+class ThreadsOnlyTest(VerificationProcessesTest):
+    """``verification_processes: 0``: the same answers, and no process."""
+
+    config_overrides = {"verification_processes": 0}
+
+    async def test_concurrent_uploads_checked_in_processes(self) -> None:
+        alice, alice_body = await self.signed_devices("alice", 300, {0, 299})
+        bob, bob_body = await self.signed_devices("bob", 200, set())
+        got = await defer.gatherResults(
+            [
+                defer.ensureDeferred(self.sign_upload(alice, alice_body)),
+                defer.ensureDeferred(self.sign_upload(bob, bob_body)),
+            ]
+        )
+        self.assertEqual(got, [self.expected(alice, {0, 299}), {}])
+        self.assertEqual(self.signature_rows(), 498)
+        self.assertEqual(multiprocessing.active_children(), [])
 
 
 class KeyChangedDuringUploadTest(SignatureTestBase):

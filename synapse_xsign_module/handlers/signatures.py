@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
-
-from twisted.python.threadpool import ThreadPool
 
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.errors import Codes, bad_json
 from synapse_xsign_module.handlers.crypto import (
     signed_bytes,
     stored_content,
-    verify_signature,
 )
 from synapse_xsign_module.handlers.validation import require_signatures, server_of
+from synapse_xsign_module.handlers.verification import SignatureVerifier
 from synapse_xsign_module.host import Host, Requester
 from synapse_xsign_module.http.base import JsonDict
 from synapse_xsign_module.jsonutil import strip_signatures
@@ -47,9 +43,6 @@ from synapse_xsign_module.storage.signatures import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Fewest signatures per executor slice; smaller batches verify in one thread.
-MIN_SLICE = 64
 
 
 class ItemFailure(Exception):
@@ -141,8 +134,8 @@ class SignatureHandler:
         host: the homeserver host.
         store: signature storage.
         clock: the clock.
-        crypto_pool: the pool signature verification runs in; one is made
-            (one thread per core) if omitted.
+        verifier: where signatures are checked; one with threads only is made
+            if omitted.
     """
 
     def __init__(
@@ -150,23 +143,19 @@ class SignatureHandler:
         host: Host,
         store: SignatureStore,
         clock: Clock,
-        crypto_pool: ThreadPool | None = None,
+        verifier: SignatureVerifier | None = None,
     ) -> None:
         self._host = host
         self._store = store
         self._clock = clock
-        self._workers = max(1, os.cpu_count() or 1)
-        self._pool = crypto_pool or ThreadPool(
-            minthreads=1, maxthreads=self._workers, name="xsign-crypto"
-        )
-        self._executor = ThreadPoolExecutor(
-            max_workers=self._workers, thread_name_prefix="xsign-verify"
-        )
+        self._verifier = verifier or SignatureVerifier(host)
+        #: Uploads being handled now (this one included).
+        self._in_flight = 0
 
     @property
-    def pool(self) -> ThreadPool:
-        """The verification thread pool (started and stopped by the service)."""
-        return self._pool
+    def verifier(self) -> SignatureVerifier:
+        """The signature verifier (started and stopped by the service)."""
+        return self._verifier
 
     async def upload(self, requester: Requester, body: JsonDict) -> JsonDict:
         """Handle ``POST /keys/signatures/upload``.
@@ -178,6 +167,13 @@ class SignatureHandler:
         Returns:
             ``{"failures": {user: {key id: {"errcode", "error"}}}}``.
         """
+        self._in_flight += 1
+        try:
+            return await self._upload(requester, body)
+        finally:
+            self._in_flight -= 1
+
+    async def _upload(self, requester: Requester, body: JsonDict) -> JsonDict:
         for user_id, items in body.items():
             if not isinstance(items, dict):
                 raise bad_json(f"'{user_id}' must map key ids to signed objects")
@@ -439,45 +435,10 @@ class SignatureHandler:
         ]
 
     async def _verify(self, checks: list[_Check]) -> set[tuple[str, str]]:
-        """Verify every signature off the reactor, spread over the cores.
-
-        One thread-pool call (one Deferred, which keeps Synapse's log contexts
-        simple) that fans large batches out over an executor, one thread per
-        core; libsodium releases the GIL while it verifies.
-
-        Returns:
-            The items with at least one invalid signature.
-        """
-        if not checks:
-            return set()
-        if not self._pool.started:
-            self._pool.start()
-        return await self._host.run_in_threadpool(
-            self._pool, lambda: self._verify_batch(checks)
+        """The items with at least one invalid signature (checked off the
+        reactor, see :class:`SignatureVerifier`)."""
+        bad = await self._verifier.invalid(
+            [(c.message, c.pending.signature, c.public_key) for c in checks],
+            alone=self._in_flight <= 1,
         )
-
-    def _verify_batch(self, checks: list[_Check]) -> set[tuple[str, str]]:
-        parts = max(1, min(self._workers, len(checks) // MIN_SLICE))
-        if parts == 1:
-            return _invalid_items(checks)
-        size = -(-len(checks) // parts)
-        slices = [checks[i : i + size] for i in range(0, len(checks), size)]
-        bad: set[tuple[str, str]] = set()
-        for result in self._executor.map(_invalid_items, slices):
-            bad |= result
-        return bad
-
-    def stop(self) -> None:
-        """Stop the verification threads."""
-        if self._pool.started:
-            self._pool.stop()
-        self._executor.shutdown(wait=False)
-
-
-def _invalid_items(checks: list[_Check]) -> set[tuple[str, str]]:
-    """The items of ``checks`` with a signature that does not verify."""
-    return {
-        c.item
-        for c in checks
-        if not verify_signature(c.message, c.pending.signature, c.public_key)
-    }
+        return {checks[i].item for i in bad}

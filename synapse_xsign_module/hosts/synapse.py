@@ -182,7 +182,12 @@ class XSignModule:
             reactor = global_reactor
         synapse_internals.check_synapse_internals(api)
         self.host = SynapseHost(api, reactor)
-        self.service = XSignService(config, self.host, reactor)
+        self.service = XSignService(
+            config,
+            self.host,
+            reactor,
+            verification_processes=config.verification_processes_for(embedded=False),
+        )
         self.host.uia_bindings = UIABindingStore(self.service.db)
         self.service.start()
         self.paths = self.service.mount()

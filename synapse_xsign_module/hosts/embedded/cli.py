@@ -77,6 +77,7 @@ def cmd_run(config: XSignConfig, listen_fd: int | None = None) -> int:
         )
         return 1
     host.mount()
+    host.service.signatures.verifier.warm_up()
     emb = config.embedded
     tune_gc(emb.gc_thresholds)
     site = XSignSite(

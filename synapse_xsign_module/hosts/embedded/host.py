@@ -42,7 +42,13 @@ class EmbeddedHost:
         self._config = config
         self._reactor = reactor
         self.root = UnrecognizedResource()
-        self.service = XSignService(config, self, reactor, db=db)
+        self.service = XSignService(
+            config,
+            self,
+            reactor,
+            db=db,
+            verification_processes=config.verification_processes_for(embedded=True),
+        )
         self.accounts = AccountStore(
             self.service.db,
             TokenCache(self.service.clock, config.embedded.token_cache_ms),
