@@ -9,7 +9,11 @@ from typing import Any
 from twisted.trial import unittest
 
 from synapse_xsign_module.errors import MatrixError
-from synapse_xsign_module.http.base import JsonResource, check_json_text
+from synapse_xsign_module.http.base import (
+    JsonResource,
+    check_json_text,
+    check_json_value,
+)
 from tests.utils import HostTestCase
 
 UPLOAD = "/_matrix/client/v3/keys/upload"
@@ -172,3 +176,24 @@ class JsonTextChecksTest(unittest.TestCase):
         self.check("[" * 64 + "]" * 64)
         with self.assertRaises(MatrixError):
             self.check("[" * 65 + "]" * 65)
+
+    def test_depth_at_the_limit_with_and_without_string_checks(self) -> None:
+        """The level-by-level depth check (no suspect escapes) and the full walk
+        draw the line at the same place, whatever the mix of containers."""
+
+        def nested(levels: int) -> Any:
+            """The root, ``levels`` wrappers, and the innermost wrapper's
+            empty dict: ``levels + 2`` levels of containers."""
+            value: Any = "leaf"
+            for i in range(levels):
+                value = [1, value] if i % 2 else {"s": "x", "n": value, "e": {}}
+            return {"wide": [[] for _ in range(50)], "deep": value}
+
+        for strings in (False, True):
+            check_json_value(nested(62), strings=strings)  # 64 levels
+            with self.assertRaises(MatrixError, msg=strings) as cm:
+                check_json_value(nested(63), strings=strings)
+            self.assertEqual(cm.exception.errcode, "M_BAD_JSON")
+        check_json_value(nested(63), strings=False, depth=False)
+        for scalar in ("s", 1, None):
+            check_json_value(scalar, strings=False)
