@@ -30,6 +30,7 @@ from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
     insert_many,
+    pipelined,
     upsert,
 )
 from tests.utils import capture_logs, prepare_database, remove_sqlite, test_db_url
@@ -545,6 +546,51 @@ class RawStatementTest(DatabaseTestCase):
             sorted(await self.db.run("bulk", txn)),
             sorted([("@old:x", 2**40, True), (odd, 5, True), ("@new:x", 4, False)]),
         )
+
+
+class PipelinedTest(DatabaseTestCase):
+    """Writes inside pipelined(): sent at once on PostgreSQL, all or nothing."""
+
+    def rows(self, *ids: str) -> list[dict[str, Any]]:
+        return [{"user_id": i, "created_ts": 1} for i in ids]
+
+    async def test_writes_land(self) -> None:
+        def txn(conn: Connection) -> bool:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x", "@b:x"))
+                upsert(conn, host_users, self.rows("@c:x"), ["user_id"], ["created_ts"])
+                active = self.pipeline_active(conn)
+            return active and not self.pipeline_active(conn)
+
+        self.assertEqual(await self.db.run("pipe", txn), self.is_postgres)
+        self.assertEqual(await self.all_users(), ["@a:x", "@b:x", "@c:x"])
+
+    async def test_failed_statement_rolls_everything_back(self) -> None:
+        """A unique violation among pipelined inserts is SQLAlchemy's
+        IntegrityError (not retried), and nothing of the transaction stays;
+        the connection serves the next transaction."""
+
+        def txn(conn: Connection) -> None:
+            add_user(conn, "@before:x")
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, self.rows("@after:x"))
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("pipe", txn)
+        self.assertEqual(await self.all_users(), [])
+        await self.db.run("ok", lambda conn: add_user(conn, "@next:x"))
+        self.assertEqual(await self.all_users(), ["@next:x"])
+
+    @staticmethod
+    def pipeline_active(conn: Connection) -> bool:
+        if conn.dialect.name != "postgresql":
+            return False
+        from psycopg import pq
+
+        status = conn.connection.driver_connection.pgconn.pipeline_status  # type: ignore[union-attr]
+        return bool(status != pq.PipelineStatus.OFF)
 
 
 class ConnectionReuseTest(DatabaseTestCase):

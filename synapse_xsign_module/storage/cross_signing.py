@@ -40,6 +40,7 @@ from synapse_xsign_module.storage.util import (
     any_of,
     insert_many,
     lock_users,
+    pipelined,
 )
 from synapse_xsign_module.storage.versions import bump_txn
 
@@ -242,39 +243,41 @@ def replace_keys_txn(
     )
     changed = False
     rows = []
-    for kt in KEY_TYPES:
-        old = current.get(kt)
-        new = new_keys.get(kt)
-        if new is not None:
-            if old is not None and old.key_json == new.key_json:
-                continue
-            changed = True
-            if old is not None:
-                _retire_txn(conn, user_id, old, now_ms, "replaced")
-            rows.append(
-                {
-                    "user_id": user_id,
-                    "key_type": kt,
-                    "public_key": new.public_key,
-                    "key_json": new.key_json,
-                    "uploaded_ts": now_ms,
-                }
-            )
-        elif old is not None and master_changed:
-            # The old SSK/USK was signed by the old master: it no longer chains.
-            changed = True
-            _retire_txn(conn, user_id, old, now_ms, "master_replaced")
-    # After every retirement: a key type has one current row at a time.
-    insert_many(conn, cross_signing_keys, rows)
-    if changed:
-        bump_txn(conn, [user_id])
-    if (
-        new_master is not None
-        and (old_master is None or old_master.key_json != new_master.key_json)
-        and state.grant_expiry is not None
-    ):
-        # A new master closes the admin-granted replacement window.
-        _delete_grant_txn(conn, user_id)
+    # Only writes from here: one round trip on PostgreSQL (see pipelined).
+    with pipelined(conn):
+        for kt in KEY_TYPES:
+            old = current.get(kt)
+            new = new_keys.get(kt)
+            if new is not None:
+                if old is not None and old.key_json == new.key_json:
+                    continue
+                changed = True
+                if old is not None:
+                    _retire_txn(conn, user_id, old, now_ms, "replaced")
+                rows.append(
+                    {
+                        "user_id": user_id,
+                        "key_type": kt,
+                        "public_key": new.public_key,
+                        "key_json": new.key_json,
+                        "uploaded_ts": now_ms,
+                    }
+                )
+            elif old is not None and master_changed:
+                # The old SSK/USK was signed by the old master: it no longer chains.
+                changed = True
+                _retire_txn(conn, user_id, old, now_ms, "master_replaced")
+        # After every retirement: a key type has one current row at a time.
+        insert_many(conn, cross_signing_keys, rows)
+        if changed:
+            bump_txn(conn, [user_id])
+        if (
+            new_master is not None
+            and (old_master is None or old_master.key_json != new_master.key_json)
+            and state.grant_expiry is not None
+        ):
+            # A new master closes the admin-granted replacement window.
+            _delete_grant_txn(conn, user_id)
 
 
 def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:

@@ -49,6 +49,7 @@ from synapse_xsign_module.storage.util import (
     chunks,
     insert_many,
     lock_users,
+    pipelined,
     upsert,
 )
 from synapse_xsign_module.storage.versions import bump_txn
@@ -239,65 +240,68 @@ def upload_txn(
             counts[first] = int(second)
 
     changed = False
-    if new_device_keys is not None:
-        new_json = canonical_json(new_device_keys)
-        if old_json != new_json:
-            changed = True
-            upsert(
-                conn,
-                device_keys,
-                [
+    # What follows only writes: on PostgreSQL one round trip for it all, so
+    # the user's lock is held that much shorter.
+    with pipelined(conn):
+        if new_device_keys is not None:
+            new_json = canonical_json(new_device_keys)
+            if old_json != new_json:
+                changed = True
+                upsert(
+                    conn,
+                    device_keys,
+                    [
+                        {
+                            "user_id": user_id,
+                            "device_id": device_id,
+                            "key_json": new_json,
+                            "ts_added_ms": now_ms,
+                        }
+                    ],
+                    ["user_id", "device_id"],
+                    ["key_json", "ts_added_ms"],
+                )
+                _drop_invalidated_signatures(
+                    conn, user_id, device_id, old_json, new_device_keys
+                )
+                bump_txn(conn, [user_id])
+
+        if otks:
+            to_insert: list[dict[str, Any]] = []
+            seen: dict[tuple[str, str], str] = {}
+            for k in otks:
+                ident = (k.algorithm, k.key_id)
+                old = existing.get(ident) or seen.get(ident)
+                if old is not None:
+                    if not _otk_equal(old, k.key_json):
+                        raise MatrixError(
+                            400,
+                            Codes.INVALID_PARAM,
+                            f"One time key {k.algorithm}:{k.key_id} already exists "
+                            "with different content",
+                        )
+                    continue
+                seen[ident] = k.key_json
+                to_insert.append(
                     {
                         "user_id": user_id,
                         "device_id": device_id,
-                        "key_json": new_json,
+                        "algorithm": k.algorithm,
+                        "key_id": k.key_id,
+                        "key_json": k.key_json,
                         "ts_added_ms": now_ms,
                     }
-                ],
-                ["user_id", "device_id"],
-                ["key_json", "ts_added_ms"],
-            )
-            _drop_invalidated_signatures(
-                conn, user_id, device_id, old_json, new_device_keys
-            )
-            bump_txn(conn, [user_id])
-
-    if otks:
-        to_insert: list[dict[str, Any]] = []
-        seen: dict[tuple[str, str], str] = {}
-        for k in otks:
-            ident = (k.algorithm, k.key_id)
-            old = existing.get(ident) or seen.get(ident)
-            if old is not None:
-                if not _otk_equal(old, k.key_json):
-                    raise MatrixError(
-                        400,
-                        Codes.INVALID_PARAM,
-                        f"One time key {k.algorithm}:{k.key_id} already exists "
-                        "with different content",
-                    )
-                continue
-            seen[ident] = k.key_json
-            to_insert.append(
-                {
-                    "user_id": user_id,
-                    "device_id": device_id,
-                    "algorithm": k.algorithm,
-                    "key_id": k.key_id,
-                    "key_json": k.key_json,
-                    "ts_added_ms": now_ms,
-                }
-            )
-        if to_insert:
-            insert_many(conn, one_time_keys, to_insert)
-            # The count read above plus what this transaction added: uploads
-            # of a device are serialized (lock_users), so no other upload adds
-            # keys in between. Claims do not take that lock: one committed
-            # meanwhile makes the count too high by what it took, which is as
-            # stale as a count read just before that claim (the trimming
-            # below counts again before it deletes anything).
-            for algorithm, _ in seen:
-                counts[algorithm] = counts.get(algorithm, 0) + 1
+                )
+            if to_insert:
+                insert_many(conn, one_time_keys, to_insert)
+                # The count read above plus what this transaction added: uploads
+                # of a device are serialized (lock_users), so no other upload adds
+                # keys in between. Claims do not take that lock: one committed
+                # meanwhile makes the count too high by what it took, which is as
+                # stale as a count read just before that claim (the trimming
+                # below counts again before it deletes anything).
+                for algorithm, _ in seen:
+                    counts[algorithm] = counts.get(algorithm, 0) + 1
 
     for fb in fallbacks:
         old_fb = conn.execute(

@@ -21,6 +21,7 @@ from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
     lock_users,
+    pipelined,
     upsert,
 )
 from synapse_xsign_module.storage.versions import bump_txn, get_versions_txn
@@ -158,15 +159,16 @@ def store_signatures_txn(
             "signature": p.signature,
             "ts_added_ms": now_ms,
         }
-    upsert(
-        conn,
-        signatures,
-        list(rows.values()),
-        ["target_user_id", "target_key_id", "signer_user_id", "signer_key_id"],
-        ["signature", "ts_added_ms"],
-    )
-    # Signatures over other users' keys are not part of their versions.
-    bump_txn(conn, {t for t, _, s, _ in rows if s == t})
+    with pipelined(conn):  # both writes in one round trip on PostgreSQL
+        upsert(
+            conn,
+            signatures,
+            list(rows.values()),
+            ["target_user_id", "target_key_id", "signer_user_id", "signer_key_id"],
+            ["signature", "ts_added_ms"],
+        )
+        # Signatures over other users' keys are not part of their versions.
+        bump_txn(conn, {t for t, _, s, _ in rows if s == t})
     return stale
 
 

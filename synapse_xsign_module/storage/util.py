@@ -277,6 +277,32 @@ def _driver_cursor(conn: Connection, sql: str, bound: Any) -> Iterator[Any]:
         cursor.close()
 
 
+@contextlib.contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """On PostgreSQL, send the statements run inside without waiting for each
+    one's answer (psycopg's pipeline mode): they reach the server in one go,
+    and the answers are read once at the end of the block.
+
+    For statements whose results the block does not use (inserts, updates,
+    deletes): a lock held across them is held for one round trip instead of
+    one per statement. An error of any of them is raised at the end of the
+    block at the latest, as SQLAlchemy's exception like every driver error
+    here; the transaction then rolls back. Elsewhere it does nothing.
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    driver: Any = conn.connection.driver_connection
+    driver_error = conn.dialect.loaded_dbapi.Error
+    try:
+        with driver.pipeline():
+            yield
+    except driver_error as e:
+        raise DBAPIError.instance(
+            "(pipelined statements)", None, e, driver_error, dialect=conn.dialect
+        ) from e
+
+
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     """Serialize key changes per user for the rest of the transaction.
 
