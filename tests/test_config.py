@@ -257,20 +257,41 @@ class ParseConfigErrorsTest(unittest.TestCase):
             self.assertIn("positive", err.message)
 
     def test_verification_processes_default_depends_on_the_host(self) -> None:
-        """Unset (or null): one per core on the embedded host, none under
-        Synapse or on one core; a number, including 0, is taken as it is."""
-        for cores, embedded, synapse in ((4, 4, 0), (1, 0, 0), (None, 0, 0)):
-            self.patch(config_module.os, "cpu_count", lambda c=cores: c)
+        """Unset (or null): one per usable core for each embedded server
+        process, at most twice the cores in all over the --workers processes
+        (at least one each); none under Synapse or on one core; a number,
+        including 0, is taken as it is."""
+        cases = [
+            # cores, workers, embedded default (at most 2 x cores in all)
+            (4, 1, 4),
+            (4, 2, 4),
+            (4, 3, 2),
+            (2, 2, 2),
+            (2, 3, 1),
+            (32, 32, 2),
+            (2, 9, 1),
+            (1, 1, 0),
+        ]
+        for cores, workers, embedded in cases:
+            self.patch(config_module, "usable_cores", lambda c=cores: c)
             for raw in ({}, {"verification_processes": None}):
                 config = parse_config(raw)
-                self.assertEqual(config.verification_processes_for(True), embedded)
-                self.assertEqual(config.verification_processes_for(False), synapse)
+                self.assertEqual(
+                    config.verification_processes_for(True, workers),
+                    embedded,
+                    (cores, workers),
+                )
+                self.assertEqual(config.verification_processes_for(False, workers), 0)
             for n in (0, 2):
                 config = parse_config({"verification_processes": n})
-                self.assertEqual(config.verification_processes_for(True), n)
+                self.assertEqual(config.verification_processes_for(True, workers), n)
                 self.assertEqual(config.verification_processes_for(False), n)
         self.assert_error({"verification_processes": True}, "verification_processes")
         self.assert_error({"verification_processes": "2"}, "verification_processes")
+
+    def test_usable_cores_follow_the_affinity(self) -> None:
+        self.patch(config_module.os, "sched_getaffinity", lambda pid: {0, 3, 5})
+        self.assertEqual(config_module.usable_cores(), 3)
 
     def test_bad_database_url_scheme(self) -> None:
         """Database URLs other than sqlite and postgresql are refused."""

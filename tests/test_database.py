@@ -583,6 +583,20 @@ class PipelinedTest(DatabaseTestCase):
         await self.db.run("ok", lambda conn: add_user(conn, "@next:x"))
         self.assertEqual(await self.all_users(), ["@next:x"])
 
+    def test_only_psycopg_pipelines(self) -> None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        from synapse_xsign_module.storage.util import _can_pipeline
+
+        self.assertFalse(_can_pipeline(sqlite.dialect()))
+        self.assertFalse(_can_pipeline(postgresql.pg8000.dialect()))
+        psycopg_dialect = postgresql.psycopg.dialect()
+        import psycopg
+
+        self.assertEqual(
+            _can_pipeline(psycopg_dialect), psycopg.Pipeline.is_supported()
+        )
+
     @staticmethod
     def pipeline_active(conn: Connection) -> bool:
         if conn.dialect.name != "postgresql":

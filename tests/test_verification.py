@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,6 +20,7 @@ from twisted.trial import unittest
 
 from synapse_xsign_module.handlers.crypto import signed_bytes
 from synapse_xsign_module.handlers.verification import (
+    MAX_POOL_FAILURES,
     MIN_PROCESS_BATCH,
     Item,
     SignatureVerifier,
@@ -58,6 +61,15 @@ def make_items(n: int, bad: set[int]) -> list[Item]:
                 sig = "not base64!"
         items.append((message, sig, public_key(key)))
     return items
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -131,6 +143,64 @@ class VerifierTest(unittest.TestCase):
         now = {p.pid for p in self.children()}
         self.assertEqual(len(now), 2)
         self.assertFalse(now & {p.pid for p in first})
+
+    async def test_processes_given_up_after_repeated_failures(self) -> None:
+        """Pools that break MAX_POOL_FAILURES times in a row (here: their
+        workers killed before a batch each time) are given up: every batch is
+        then checked in threads; each batch is answered right meanwhile."""
+        verifier = self.make(2)
+        items = make_items(200, {42})
+        for _ in range(MAX_POOL_FAILURES):
+            self.assertEqual(verifier.processes, 2)
+            verifier._start_processes()
+            workers = self.children()
+            self.assertEqual(len(workers), 2)
+            for p in workers:
+                os.kill(p.pid, signal.SIGKILL)
+            wait_until(lambda w=workers: not any(p.is_alive() for p in w))
+            self.assertEqual(await verifier.invalid(items), [42])  # in threads
+        self.assertEqual(verifier.processes, 0)
+        self.assertEqual(await verifier.invalid(items), [42])
+        self.assertEqual(self.children(), [])
+
+    async def test_a_batch_answered_resets_the_failures(self) -> None:
+        verifier = self.make(2)
+        items = make_items(200, {42})
+        for _ in range(MAX_POOL_FAILURES):
+            verifier._start_processes()
+            for p in self.children():
+                os.kill(p.pid, signal.SIGKILL)
+            wait_until(lambda: not self.children())
+            self.assertEqual(await verifier.invalid(items), [42])  # in threads
+            self.assertEqual(await verifier.invalid(items), [42])  # new workers
+        self.assertEqual(verifier.processes, 2)
+        self.assertEqual(len(self.children()), 2)
+
+    def test_workers_exit_when_the_server_dies(self) -> None:
+        """A server killed without stopping its verifier leaves no process
+        behind: the workers watch their parent."""
+        script = (
+            "import multiprocessing, os, signal\n"
+            "from synapse_xsign_module.handlers.verification import "
+            "SignatureVerifier\n"
+            "if __name__ == '__main__':\n"
+            "    v = SignatureVerifier(None, 2)\n"
+            "    v._start_processes()\n"
+            "    print(' '.join(str(p.pid) for p in "
+            "multiprocessing.active_children()), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        pids = [int(p) for p in done.stdout.split()]
+        self.assertEqual(len(pids), 2, done.stderr)
+        wait_until(lambda: not any(_running(p) for p in pids))
 
     async def test_warm_up_starts_the_processes(self) -> None:
         verifier = self.make(2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -39,6 +40,9 @@ Item = tuple[bytes, str, str]
 #: Fewest signatures per slice; smaller batches are checked in one thread.
 MIN_SLICE = 64
 
+#: Worker pools that may break in a row before the processes are given up.
+MAX_POOL_FAILURES = 3
+
 #: Fewest signatures in a batch sent to the worker processes: for fewer, the
 #: round trip to another process costs more than the GIL it saves.
 MIN_PROCESS_BATCH = 2 * MIN_SLICE
@@ -55,8 +59,23 @@ def invalid_indexes(items: Sequence[Item]) -> list[int]:
 
 
 def _worker_init() -> None:
-    """Worker processes leave Ctrl-C to the server, which stops them."""
+    """In a worker process: leave Ctrl-C to the server, which stops the
+    workers, and exit when the server is gone without having stopped them
+    (killed, or crashed), rather than wait for work forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_exit_with_parent,
+            args=(parent.sentinel,),
+            name="xsign-parent-watch",
+            daemon=True,
+        ).start()
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(0)
 
 
 def _pid(_: int) -> int:
@@ -101,6 +120,8 @@ class SignatureVerifier:
         )
         self._processes = processes
         self._process_pool: ProcessPoolExecutor | None = None
+        #: Pools that broke since the last batch the processes answered.
+        self._failures = 0
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -124,8 +145,9 @@ class SignatureVerifier:
 
         Args:
             items: the signatures.
-            alone: nothing else is being handled that wants the GIL: the
-                batch is checked in threads even if it is large.
+            alone: no other signature upload is being handled (the caller's
+                measure of whether other work wants the GIL): the batch is
+                checked in threads even if it is large.
 
         Returns:
             The indexes of the items whose signature does not verify, in order.
@@ -164,13 +186,16 @@ class SignatureVerifier:
             if pool is not None:
                 parts = max(1, min(self._processes, len(items) // MIN_SLICE))
                 try:
-                    return self._map(pool, items, parts)
+                    bad = self._map(pool, items, parts)
                 except BrokenProcessPool:
                     logger.warning(
-                        "A signature verification process died; starting new "
-                        "ones, and checking this batch in threads"
+                        "A signature verification process died; checking this "
+                        "batch in threads (new processes for the next one)"
                     )
                     self._drop_processes(pool)
+                else:
+                    self._failures = 0
+                    return bad
         parts = max(1, min(self._cores, len(items) // MIN_SLICE))
         if parts == 1:
             return invalid_indexes(items)
@@ -215,8 +240,18 @@ class SignatureVerifier:
         )
 
     def _drop_processes(self, pool: ProcessPoolExecutor) -> None:
-        """Forget a broken process pool; the next large batch starts another."""
+        """Forget a broken process pool; the next large batch starts another,
+        unless :data:`MAX_POOL_FAILURES` broke in a row: then every batch is
+        checked in threads from now on."""
         with self._lock:
             if self._process_pool is pool:
                 self._process_pool = None
+                self._failures += 1
+                if self._failures >= MAX_POOL_FAILURES and self._processes:
+                    logger.error(
+                        "Signature verification processes failed %d times in a "
+                        "row; checking signatures in threads from now on",
+                        self._failures,
+                    )
+                    self._processes = 0
         pool.shutdown(wait=False, cancel_futures=True)

@@ -277,6 +277,16 @@ def _driver_cursor(conn: Connection, sql: str, bound: Any) -> Iterator[Any]:
         cursor.close()
 
 
+@functools.lru_cache(maxsize=8)
+def _can_pipeline(dialect: Dialect) -> bool:
+    """psycopg 3 over a libpq with pipeline mode (libpq 14 or newer)."""
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        return False
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
+
+
 @contextlib.contextmanager
 def pipelined(conn: Connection) -> Iterator[None]:
     """On PostgreSQL, send the statements run inside without waiting for each
@@ -287,9 +297,12 @@ def pipelined(conn: Connection) -> Iterator[None]:
     deletes): a lock held across them is held for one round trip instead of
     one per statement. An error of any of them is raised at the end of the
     block at the latest, as SQLAlchemy's exception like every driver error
-    here; the transaction then rolls back. Elsewhere it does nothing.
+    here; the transaction then rolls back. Inside the block a statement's
+    row count is not known yet (:meth:`RawStatement.execute` returns -1).
+    Elsewhere (SQLite, another PostgreSQL driver, a libpq without pipeline
+    mode) it does nothing.
     """
-    if conn.dialect.name != "postgresql":
+    if not _can_pipeline(conn.dialect):
         yield
         return
     driver: Any = conn.connection.driver_connection

@@ -52,13 +52,15 @@ def _setup_logging(level: str, worker: str | None = None) -> None:
     )
 
 
-def cmd_run(config: XSignConfig, listen_fd: int | None = None) -> int:
+def cmd_run(config: XSignConfig, listen_fd: int | None = None, workers: int = 1) -> int:
     """Start the embedded host and serve until SIGTERM/SIGINT.
 
     Args:
         config: the configuration.
         listen_fd: an inherited listening socket (a worker of ``--workers``);
             otherwise the configured address and port are bound.
+        workers: the server processes of ``--workers`` (they share the
+            cores, see :meth:`XSignConfig.verification_processes_for`).
     """
     import socket
 
@@ -68,7 +70,7 @@ def cmd_run(config: XSignConfig, listen_fd: int | None = None) -> int:
     from synapse_xsign_module.hosts.embedded.site import XSignSite
 
     r: Any = reactor
-    host = EmbeddedHost(config, r)
+    host = EmbeddedHost(config, r, workers=workers)
     try:
         host.service.start()
     except OperationalError as e:
@@ -208,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--worker-name", help=argparse.SUPPRESS)
+    run.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
     sub.add_parser("migrate", help="apply database migrations and exit")
     reg = sub.add_parser("register-user", help="create or update a user")
     reg.add_argument("user", help="user id or localpart")
@@ -242,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synapse_xsign_module.hosts.embedded.workers import run_workers
 
         return run_workers(config, args.config, workers, args.log_level)
-    return cmd_run(config, getattr(args, "listen_fd", None))
+    return cmd_run(
+        config, getattr(args, "listen_fd", None), getattr(args, "worker_count", 1)
+    )
 
 
 if __name__ == "__main__":

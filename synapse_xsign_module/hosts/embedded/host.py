@@ -37,7 +37,11 @@ class EmbeddedHost:
     """
 
     def __init__(
-        self, config: XSignConfig, reactor: Any, db: Database | None = None
+        self,
+        config: XSignConfig,
+        reactor: Any,
+        db: Database | None = None,
+        workers: int = 1,
     ) -> None:
         self._config = config
         self._reactor = reactor
@@ -47,7 +51,9 @@ class EmbeddedHost:
             self,
             reactor,
             db=db,
-            verification_processes=config.verification_processes_for(embedded=True),
+            verification_processes=config.verification_processes_for(
+                embedded=True, workers=workers
+            ),
         )
         self.accounts = AccountStore(
             self.service.db,

@@ -119,6 +119,8 @@ def run_workers(
                     str(socks[index].fileno()),
                     "--worker-name",
                     f"worker{index}",
+                    "--worker-count",
+                    str(count),
                 ],
                 pass_fds=(socks[index].fileno(),),
             )
