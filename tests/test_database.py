@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -334,6 +335,43 @@ class SqliteLockedBeginTest(DatabaseTestCase):
         await self.db.run("w", lambda conn: add_user(conn, "@late:x"))
         self.assertGreater(self.db.retries, 0)
         self.assertEqual(await self.all_users(), ["@late:x"])
+
+
+class SqliteWriteLockWaitTest(DatabaseTestCase):
+    """A writer waits for another process's write lock in short steps (SQLite's
+    own busy handler sleeps up to tens of milliseconds at a time)."""
+
+    async def test_waits_in_short_steps_then_writes(self) -> None:
+        if self.is_postgres:
+            raise unittest.SkipTest("SQLite only")
+        from synapse_xsign_module.storage import database as database_module
+
+        other = sqlite3.connect(
+            self.url[len("sqlite:///") :], isolation_level=None, check_same_thread=False
+        )
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")  # another process's writer
+        waits: list[float] = []
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) == 6:
+                other.execute("COMMIT")  # the other writer is done
+            real_sleep(seconds)
+
+        self.patch(database_module.time, "sleep", sleep)
+
+        def write(conn: Connection) -> int:
+            add_user(conn, "@waited:x")
+            return int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+
+        busy = await self.db.run("w", write)
+        self.assertEqual(busy, BUSY_TIMEOUT_MS)  # SQLite's handler is back on
+        self.assertEqual(waits[:5], [0.0001, 0.0002, 0.0005, 0.001, 0.002])
+        self.assertEqual(waits[5:], [0.002] * (len(waits) - 5))
+        self.assertEqual(self.db.retries, 0)
+        self.assertEqual(await self.all_users(), ["@waited:x"])
 
 
 class AnyOfTest(DatabaseTestCase):
