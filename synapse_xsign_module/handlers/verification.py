@@ -228,16 +228,14 @@ class SignatureVerifier:
         if pool is None:
             return
         try:
-            pids = set(pool.map(_pid, range(self._processes)))
+            # One task per process makes the pool start them all; the tasks
+            # may be answered by fewer of them, so the pids say little.
+            list(pool.map(_pid, range(self._processes)))
         except BrokenProcessPool:
             self._drop_processes(pool)
             logger.warning("Signature verification processes failed to start")
             return
-        logger.info(
-            "%d signature verification process(es) started: %s",
-            self._processes,
-            ", ".join(str(p) for p in sorted(pids)),
-        )
+        logger.info("%d signature verification process(es) started", self._processes)
 
     def _drop_processes(self, pool: ProcessPoolExecutor) -> None:
         """Forget a broken process pool; the next large batch starts another,
