@@ -9,7 +9,8 @@ from signedjson.key import generate_signing_key, get_verify_key
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 from sqlalchemy import Connection, select
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from synapse_xsign_module.hosts.embedded.accounts import hash_token, new_token
@@ -19,6 +20,7 @@ from synapse_xsign_module.storage.schema import (
     host_access_tokens,
     one_time_keys,
 )
+from synapse_xsign_module.storage.util import lock_device, lock_users
 from tests.utils import (
     HostTestCase,
     Response,
@@ -664,3 +666,92 @@ class OneTimeKeyCapTest(HostTestCase):
                 select(c.key_id).where(c.user_id == alice.user_id).order_by(c.key_id)
             ).scalars()
             self.assertEqual(list(rows), ["K1", "K2", "K3", "K4", "K5"])
+
+
+class UploadLockTest(HostTestCase):
+    """On PostgreSQL an upload takes the user's lock shared and its device's
+    exclusively: uploads of other devices of the user go on, uploads of the
+    same device and the user's key changes wait."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not self.db_url.startswith("postgresql"):
+            raise unittest.SkipTest("SQLite writers are serial anyway")
+
+    async def two_devices(self) -> tuple[TestUser, TestUser]:
+        alice = await self.user_with_device("alice", "ADEV")
+        token, _ = await self.login(alice.user_id, "BDEV")
+        return alice, TestUser(alice.user_id, "BDEV", token)
+
+    def holding(self, lock: Any) -> Any:
+        """An open transaction of another connection that holds ``lock``."""
+        conn = self.db.engine.connect()
+        self.addCleanup(conn.close)
+        tx = conn.begin()
+        lock(conn)
+        return tx
+
+    async def upload(self, user: TestUser) -> Any:
+        return await self.client.post(
+            "/_matrix/client/v3/keys/upload",
+            {"device_keys": user.device_keys()},
+            token=user.token,
+        )
+
+    async def waits_then_completes(self, user: TestUser, tx: Any) -> None:
+        """The upload waits on an advisory lock until ``tx`` ends."""
+        pending = defer.ensureDeferred(self.upload(user))
+        with self.db.engine.connect() as probe:
+            for _ in range(500):
+                if _advisory_waits(probe):
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(_advisory_waits(probe), 1)
+        self.assertFalse(pending.called)
+        tx.rollback()
+        resp = await pending
+        self.assertEqual(resp.code, 200, resp)
+
+    async def test_other_devices_of_the_user_go_on(self) -> None:
+        a, b = await self.two_devices()
+        tx = self.holding(lambda c: lock_device(c, a.user_id, a.device_id))
+        # Does not wait for ADEV's upload (which holds its locks until the end).
+        resp = await defer.ensureDeferred(self.upload(b)).addTimeout(20, reactor)
+        self.assertEqual(resp.code, 200, resp)
+        await self.waits_then_completes(a, tx)
+
+    async def test_upload_waits_for_a_key_change_of_the_user(self) -> None:
+        a, _ = await self.two_devices()
+        tx = self.holding(lambda c: lock_users(c, [a.user_id]))
+        await self.waits_then_completes(a, tx)
+
+    async def test_key_change_waits_for_an_upload(self) -> None:
+        """A transaction taking the user's lock (a signature store, a new
+        cross-signing key) waits while an upload of any device runs."""
+        a, _ = await self.two_devices()
+        tx = self.holding(lambda c: lock_device(c, a.user_id, "BDEV"))
+
+        def key_change(conn: Connection) -> None:
+            lock_users(conn, [a.user_id])
+
+        pending = self.db.run("key change", key_change)
+        with self.db.engine.connect() as probe:
+            for _ in range(500):
+                if _advisory_waits(probe):
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(_advisory_waits(probe), 1)
+        self.assertFalse(pending.called)
+        tx.rollback()
+        await pending
+
+
+def _advisory_waits(conn: Connection) -> int:
+    """Advisory locks waited for in the current database."""
+    return int(
+        conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND NOT granted AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).scalar_one()
+    )

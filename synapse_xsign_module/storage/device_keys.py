@@ -48,6 +48,7 @@ from synapse_xsign_module.storage.util import (
     any_of,
     chunks,
     insert_many,
+    lock_device,
     lock_users,
     pipelined,
     upsert,
@@ -222,8 +223,10 @@ def upload_txn(
     """
     # Serialize a device's uploads before reading anything: two identical
     # uploads at once (a client retrying) would both see nothing stored and the
-    # second insert would hit a unique key (500). SQLite's writers are serial.
-    lock_users(conn, [user_id])
+    # second insert would hit a unique key (500); and exclude the user's key
+    # changes (a signature stored over the device's old keys meanwhile would
+    # outlive them). SQLite's writers are serial.
+    lock_device(conn, user_id, device_id)
     old_json: str | None = None
     existing: dict[tuple[str, str], str] = {}
     counts: dict[str, int] = {}
@@ -295,7 +298,7 @@ def upload_txn(
             if to_insert:
                 insert_many(conn, one_time_keys, to_insert)
                 # The count read above plus what this transaction added: uploads
-                # of a device are serialized (lock_users), so no other upload adds
+                # of a device are serialized (lock_device), so no other upload adds
                 # keys in between. Claims do not take that lock: one committed
                 # meanwhile makes the count too high by what it took, which is as
                 # stale as a count read just before that claim (the trimming

@@ -333,6 +333,24 @@ def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     _LOCK_USERS.rows(conn, {"users": users})
 
 
+def lock_device(conn: Connection, user_id: str, device_id: str) -> None:
+    """Serialize the uploads of one device, and every upload against the
+    user's key changes, for the rest of the transaction.
+
+    On PostgreSQL: the user's lock (:func:`lock_users`) in shared mode, then
+    an exclusive lock on the device, in one statement. Uploads for different
+    devices of one user (a client's several sessions signing in at once) no
+    longer wait for each other; an upload and a change that takes the user's
+    lock exclusively (cross-signing keys, signatures, the admin API) still
+    exclude each other. The shared lock comes first, always: a device lock
+    held while waiting behind a queued exclusive request could deadlock. On
+    SQLite, writers are serial anyway.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    _LOCK_DEVICE.rows(conn, {"user": user_id, "device": f"{user_id}\n{device_id}"})
+
+
 class StringList(TypeDecorator[list[str]]):
     """A list of strings bound as one parameter: a JSON array on SQLite, an
     array on PostgreSQL (see :func:`any_of`)."""
@@ -391,6 +409,16 @@ def any_of(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     """
     return _AnyOf(column, bindparam(name, type_=StringList()))
 
+
+# The user's lock shared, then the device's: MATERIALIZED makes PostgreSQL
+# take the first before it evaluates the second.
+_LOCK_DEVICE = RawStatement(
+    text(
+        "WITH u AS MATERIALIZED ("
+        " SELECT pg_advisory_xact_lock_shared(hashtextextended(:user, 7349)) AS x)"
+        " SELECT pg_advisory_xact_lock(hashtextextended(:device, 7350)) FROM u"
+    )
+)
 
 # Runs on every key-changing transaction: prebuilt, on the driver's cursor.
 _LOCK_USERS = RawStatement(
