@@ -374,6 +374,28 @@ class SqliteWriteLockWaitTest(DatabaseTestCase):
         self.assertEqual(await self.all_users(), ["@waited:x"])
 
 
+class SqliteBusyErrorTest(unittest.TestCase):
+    """Which SQLite errors mean "another connection holds the lock"."""
+
+    def test_result_codes_and_messages(self) -> None:
+        from synapse_xsign_module.storage.database import _is_busy
+
+        def error(message: str, code: int | None) -> sqlite3.OperationalError:
+            e = sqlite3.OperationalError(message)
+            if code is not None:
+                e.sqlite_errorcode = code  # type: ignore[attr-defined]
+            return e
+
+        self.assertTrue(_is_busy(error("database is locked", 5)))  # SQLITE_BUSY
+        self.assertTrue(_is_busy(error("database is locked", 517)))  # _SNAPSHOT
+        self.assertTrue(_is_busy(error("database is locked", 261)))  # _RECOVERY
+        self.assertFalse(_is_busy(error("disk I/O error", 10)))
+        self.assertFalse(_is_busy(error("database table is locked", 6)))
+        # Python 3.10 gives no result code: the message tells.
+        self.assertTrue(_is_busy(error("database is locked", None)))
+        self.assertFalse(_is_busy(error("disk I/O error", None)))
+
+
 class AnyOfTest(DatabaseTestCase):
     """storage.util.any_of: a whole list bound as one parameter."""
 

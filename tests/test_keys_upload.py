@@ -725,6 +725,29 @@ class UploadLockTest(HostTestCase):
         tx = self.holding(lambda c: lock_users(c, [a.user_id]))
         await self.waits_then_completes(a, tx)
 
+    async def test_version_raised_last(self) -> None:
+        """The user's version row, which uploads of all the user's devices
+        raise, is locked by the last statement before the commit."""
+        from synapse_xsign_module.storage import device_keys as store
+
+        calls: list[str] = []
+        for name in ("bump_txn", "insert_many", "upsert"):
+            real = getattr(store, name)
+
+            def record(*args: Any, _real: Any = real, _name: str = name) -> Any:
+                calls.append(_name)
+                return _real(*args)
+
+            self.patch(store, name, record)
+        a, _ = await self.two_devices()
+        resp = await self.client.post(
+            "/_matrix/client/v3/keys/upload",
+            {"device_keys": a.device_keys(), "one_time_keys": {f"{ALG}:K1": "k"}},
+            token=a.token,
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(calls, ["upsert", "insert_many", "bump_txn"])
+
     async def test_key_change_waits_for_an_upload(self) -> None:
         """A transaction taking the user's lock (a signature store, a new
         cross-signing key) waits while an upload of any device runs."""

@@ -192,6 +192,22 @@ def _setup_sqlite(engine: Engine, busy_timeout_ms: int, wal: bool) -> None:
 _WRITE_LOCK_WAITS = (0.0001, 0.0002, 0.0005, 0.001, 0.002)
 
 
+#: SQLITE_BUSY, the primary result code of every "busy" error (extended codes
+#: such as SQLITE_BUSY_SNAPSHOT carry it in their low byte).
+_SQLITE_BUSY = 5
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    """Whether SQLite answered "busy": the lock is held by another connection.
+
+    From the result code where Python gives it (3.11+), else from the message.
+    """
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == _SQLITE_BUSY)
+    return "database is locked" in str(error)
+
+
 def _begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int) -> None:
     """``BEGIN IMMEDIATE``, waiting for the write lock in short steps.
 
@@ -212,9 +228,7 @@ def _begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int) -> None:
                 driver.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) != (
-                    sqlite3.SQLITE_BUSY
-                ):
+                if not _is_busy(e):
                     raise
                 now = time.monotonic()
                 if deadline is None:

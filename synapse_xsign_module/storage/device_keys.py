@@ -267,7 +267,6 @@ def upload_txn(
                 _drop_invalidated_signatures(
                     conn, user_id, device_id, old_json, new_device_keys
                 )
-                bump_txn(conn, [user_id])
 
         if otks:
             to_insert: list[dict[str, Any]] = []
@@ -305,6 +304,10 @@ def upload_txn(
                 # below counts again before it deletes anything).
                 for algorithm, _ in seen:
                     counts[algorithm] = counts.get(algorithm, 0) + 1
+        if changed:
+            # Last: raising the version locks the user's version row until
+            # the commit, and uploads of the user's other devices wait on it.
+            bump_txn(conn, [user_id])
 
     for fb in fallbacks:
         old_fb = conn.execute(
