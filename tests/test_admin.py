@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from synapse_xsign_module.storage.util import lock_users
 from tests.test_cross_signing import CrossSigningTestBase
-from tests.utils import TestUser, public_key
+from tests.utils import TestUser, public_key, wait_for_advisory_waiter
 
 ADMIN = "/_synapse/client/xsign/admin/v1"
 KEYS_UPLOAD = "/_matrix/client/v3/keys/upload"
@@ -251,21 +251,7 @@ class WindowTest(AdminTestBase):
             )
         )
 
-        def waiting_for_lock(c: Any) -> int:
-            return int(
-                c.exec_driver_sql(
-                    "SELECT count(*) FROM pg_locks"
-                    " WHERE locktype = 'advisory' AND NOT granted AND database ="
-                    " (SELECT oid FROM pg_database WHERE datname = current_database())"
-                ).scalar_one()
-            )
-
-        with self.db.engine.connect() as probe:
-            for _ in range(500):
-                if waiting_for_lock(probe):
-                    break
-                await deferLater(reactor, 0.01, lambda: None)
-            self.assertEqual(waiting_for_lock(probe), 1)
+        self.assertEqual(await wait_for_advisory_waiter(self.db.engine), 1)
         self.assertFalse(opening.called)
         tx.rollback()
         resp = await opening
@@ -299,8 +285,6 @@ class ShortWindowTest(AdminTestBase):
 
     async def test_window_expires(self) -> None:
         """After the window's length has passed, UIA is needed again."""
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
 
         alice = await self.ready_user("alice")
         resp = await self.call(

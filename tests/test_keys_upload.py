@@ -10,7 +10,6 @@ from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_j
 from sqlalchemy import Connection, select
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from synapse_xsign_module.hosts.embedded.accounts import hash_token, new_token
@@ -28,6 +27,7 @@ from tests.utils import (
     make_device_keys,
     public_key,
     signed_key,
+    wait_for_advisory_waiter,
 )
 
 ALG = "signed_curve25519"
@@ -701,12 +701,7 @@ class UploadLockTest(HostTestCase):
     async def waits_then_completes(self, user: TestUser, tx: Any) -> None:
         """The upload waits on an advisory lock until ``tx`` ends."""
         pending = defer.ensureDeferred(self.upload(user))
-        with self.db.engine.connect() as probe:
-            for _ in range(500):
-                if _advisory_waits(probe):
-                    break
-                await deferLater(reactor, 0.01, lambda: None)
-            self.assertEqual(_advisory_waits(probe), 1)
+        self.assertEqual(await wait_for_advisory_waiter(self.db.engine), 1)
         self.assertFalse(pending.called)
         tx.rollback()
         resp = await pending
@@ -758,23 +753,7 @@ class UploadLockTest(HostTestCase):
             lock_users(conn, [a.user_id])
 
         pending = self.db.run("key change", key_change)
-        with self.db.engine.connect() as probe:
-            for _ in range(500):
-                if _advisory_waits(probe):
-                    break
-                await deferLater(reactor, 0.01, lambda: None)
-            self.assertEqual(_advisory_waits(probe), 1)
+        self.assertEqual(await wait_for_advisory_waiter(self.db.engine), 1)
         self.assertFalse(pending.called)
         tx.rollback()
         await pending
-
-
-def _advisory_waits(conn: Connection) -> int:
-    """Advisory locks waited for in the current database."""
-    return int(
-        conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_locks"
-            " WHERE locktype = 'advisory' AND NOT granted AND database ="
-            " (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ).scalar_one()
-    )

@@ -465,3 +465,26 @@ def make_device_keys(
         },
     }
     return sign_json(obj, user_id, device_key)
+
+
+async def wait_for_advisory_waiter(engine: Any) -> int:
+    """Poll PostgreSQL (up to 5 s) until a transaction waits for an advisory
+    lock in the current database; returns how many wait then."""
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.task import deferLater
+
+    def waiting(conn: Any) -> int:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND NOT granted AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).scalar_one()
+        )
+
+    with engine.connect() as probe:
+        for _ in range(500):
+            if waiting(probe):
+                break
+            await deferLater(_reactor, 0.01, lambda: None)
+        return waiting(probe)
