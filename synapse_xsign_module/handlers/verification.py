@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from twisted.python.threadpool import ThreadPool
 
+from synapse_xsign_module.config import usable_cores
 from synapse_xsign_module.handlers.crypto import verify_signature
 from synapse_xsign_module.host import Host
 
@@ -96,11 +97,12 @@ class SignatureVerifier:
             contexts right).
         processes: worker processes for batches of at least
             :data:`MIN_PROCESS_BATCH` signatures not checked ``alone``; 0
-            checks everything in threads of this process. They are started on the first such batch
-            or by :meth:`warm_up`.
+            checks everything in threads of this process. They are started on
+            the first such batch or by :meth:`warm_up`.
         crypto_pool: the thread pool a batch is handed to; one is made (one
             thread per core) if omitted.
-        cores: threads to spread one batch over (default: the cores).
+        cores: threads to spread one batch over (default: the cores this
+            process may run on, as for the default number of processes).
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class SignatureVerifier:
         cores: int | None = None,
     ) -> None:
         self._host = host
-        self._cores = cores or max(1, os.cpu_count() or 1)
+        self._cores = cores or usable_cores()
         self._pool = crypto_pool or ThreadPool(
             minthreads=1, maxthreads=self._cores, name="xsign-crypto"
         )

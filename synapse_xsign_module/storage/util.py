@@ -410,13 +410,19 @@ def any_of(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     return _AnyOf(column, bindparam(name, type_=StringList()))
 
 
+#: Seeds of the advisory lock keys (hashtextextended): a user's lock, taken
+#: exclusively by lock_users and shared by lock_device, must be the same key.
+_USER_LOCK_SEED = 7349
+_DEVICE_LOCK_SEED = 7350
+
 # The user's lock shared, then the device's: MATERIALIZED makes PostgreSQL
 # take the first before it evaluates the second.
 _LOCK_DEVICE = RawStatement(
     text(
-        "WITH u AS MATERIALIZED ("
-        " SELECT pg_advisory_xact_lock_shared(hashtextextended(:user, 7349)) AS x)"
-        " SELECT pg_advisory_xact_lock(hashtextextended(:device, 7350)) FROM u"
+        "WITH u AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared("
+        f"hashtextextended(:user, {_USER_LOCK_SEED})) AS x)"
+        " SELECT pg_advisory_xact_lock("
+        f"hashtextextended(:device, {_DEVICE_LOCK_SEED})) FROM u"
     )
 )
 
@@ -424,7 +430,7 @@ _LOCK_DEVICE = RawStatement(
 _LOCK_USERS = RawStatement(
     text(
         "SELECT pg_advisory_xact_lock(k) FROM ("
-        " SELECT hashtextextended(u, 7349) AS k FROM unnest(:users) AS u"
+        f" SELECT hashtextextended(u, {_USER_LOCK_SEED}) AS k FROM unnest(:users) AS u"
         " ORDER BY 1) AS s"
     ).bindparams(bindparam("users", type_=StringList()))
 )
