@@ -14,7 +14,12 @@ from twisted.trial import unittest
 
 from synapse_xsign_module.storage.util import lock_users
 from tests.test_cross_signing import CrossSigningTestBase
-from tests.utils import TestUser, public_key, wait_for_advisory_waiter
+from tests.utils import (
+    TestUser,
+    hold_in_other_transaction,
+    public_key,
+    result_once_released,
+)
 
 ADMIN = "/_synapse/client/xsign/admin/v1"
 KEYS_UPLOAD = "/_matrix/client/v3/keys/upload"
@@ -239,10 +244,10 @@ class WindowTest(AdminTestBase):
         if not self.db_url.startswith("postgresql"):
             raise unittest.SkipTest("SQLite writers are serial anyway")
         alice = await self.ready_user("alice")
-        conn = self.db.engine.connect()
-        self.addCleanup(conn.close)
-        tx = conn.begin()
-        lock_users(conn, [alice.user_id])  # an upload of alice's keys, running
+        # A change of alice's keys, running:
+        tx = hold_in_other_transaction(
+            self, self.db.engine, lambda c: lock_users(c, [alice.user_id])
+        )
         opening = defer.ensureDeferred(
             self.call(
                 "POST",
@@ -251,10 +256,7 @@ class WindowTest(AdminTestBase):
             )
         )
 
-        self.assertEqual(await wait_for_advisory_waiter(self.db.engine), 1)
-        self.assertFalse(opening.called)
-        tx.rollback()
-        resp = await opening
+        resp = await result_once_released(self, self.db.engine, opening, tx)
         self.assertEqual(resp.code, 200, resp)
 
     async def test_synapse_compatible_path(self) -> None:

@@ -24,10 +24,11 @@ from tests.utils import (
     HostTestCase,
     Response,
     TestUser,
+    hold_in_other_transaction,
     make_device_keys,
     public_key,
+    result_once_released,
     signed_key,
-    wait_for_advisory_waiter,
 )
 
 ALG = "signed_curve25519"
@@ -685,11 +686,7 @@ class UploadLockTest(HostTestCase):
 
     def holding(self, lock: Any) -> Any:
         """An open transaction of another connection that holds ``lock``."""
-        conn = self.db.engine.connect()
-        self.addCleanup(conn.close)
-        tx = conn.begin()
-        lock(conn)
-        return tx
+        return hold_in_other_transaction(self, self.db.engine, lock)
 
     async def upload(self, user: TestUser) -> Any:
         return await self.client.post(
@@ -701,10 +698,7 @@ class UploadLockTest(HostTestCase):
     async def waits_then_completes(self, user: TestUser, tx: Any) -> None:
         """The upload waits on an advisory lock until ``tx`` ends."""
         pending = defer.ensureDeferred(self.upload(user))
-        self.assertEqual(await wait_for_advisory_waiter(self.db.engine), 1)
-        self.assertFalse(pending.called)
-        tx.rollback()
-        resp = await pending
+        resp = await result_once_released(self, self.db.engine, pending, tx)
         self.assertEqual(resp.code, 200, resp)
 
     async def test_other_devices_of_the_user_go_on(self) -> None:
@@ -753,7 +747,4 @@ class UploadLockTest(HostTestCase):
             lock_users(conn, [a.user_id])
 
         pending = self.db.run("key change", key_change)
-        self.assertEqual(await wait_for_advisory_waiter(self.db.engine), 1)
-        self.assertFalse(pending.called)
-        tx.rollback()
-        await pending
+        await result_once_released(self, self.db.engine, pending, tx)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -467,7 +468,30 @@ def make_device_keys(
     return sign_json(obj, user_id, device_key)
 
 
-async def wait_for_advisory_waiter(engine: Any) -> int:
+def hold_in_other_transaction(
+    case: unittest.TestCase, engine: Any, lock: Callable[[Any], Any]
+) -> Any:
+    """An open transaction of another connection that has run ``lock(conn)``
+    (e.g. taken advisory locks); the caller ends it."""
+    conn = engine.connect()
+    case.addCleanup(conn.close)
+    tx = conn.begin()
+    lock(conn)
+    return tx
+
+
+async def result_once_released(
+    case: unittest.TestCase, engine: Any, pending: Any, tx: Any
+) -> Any:
+    """Assert that ``pending`` waits on one advisory lock (PostgreSQL), then
+    end ``tx``, which holds it, and return what ``pending`` gives."""
+    case.assertEqual(await _advisory_waiters(engine), 1)
+    case.assertFalse(pending.called)
+    tx.rollback()
+    return await pending
+
+
+async def _advisory_waiters(engine: Any) -> int:
     """Poll PostgreSQL (up to 5 s) until a transaction waits for an advisory
     lock in the current database; returns how many wait then."""
     from twisted.internet import reactor as _reactor
