@@ -28,6 +28,7 @@ from sqlalchemy import (
 
 from twisted.internet import defer
 
+from synapse_xsign_module.storage.batching import BatchedReader
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import (
     cross_signing_keys,
@@ -95,6 +96,23 @@ _CURRENT_OF_USERS = RawStatement(
 )
 _RG = replacement_grants.c
 _DK = device_keys.c
+#: The current keys (kind "k") and the replacement window's expiry ("g") of
+#: some users, in one statement.
+_STATES_OF_USERS = RawStatement(
+    union_all(
+        select(
+            _CK.user_id,
+            literal_column("'k'"),
+            _CK.key_type,
+            _CK.public_key,
+            _CK.key_json,
+            _CK.uploaded_ts,
+        ).where(any_of(_CK.user_id, "users"), _CK.replaced_ts.is_(None)),
+        select(
+            _RG.user_id, literal_column("'g'"), null(), null(), null(), _RG.expires_ts
+        ).where(any_of(_RG.user_id, "users")),
+    )
+)
 #: What an upload of cross-signing keys decides on, in one statement (one round
 #: trip): the user's current keys (kind "k"), the replacement window's expiry
 #: ("g") and which of the given ids name one of the user's devices ("d").
@@ -164,6 +182,28 @@ def get_state_txn(
 
 #: user id -> key type -> current key
 CurrentKeys = dict[str, dict[str, StoredKey]]
+
+#: A user's current keys (key type -> key) and replacement-window expiry.
+UploadState = tuple[dict[str, StoredKey], int | None]
+
+
+def get_states_txn(conn: Connection, user_ids: list[str]) -> dict[str, UploadState]:
+    """The current keys and replacement-window expiry of some users, in one
+    statement (users with neither are left out)."""
+    if len(user_ids) == 1:
+        # The one-user statement: no array to bind (measured 0.1 ms faster).
+        state = get_state_txn(conn, user_ids[0])
+        return {user_ids[0]: (state.keys, state.grant_expiry)}
+    keys: CurrentKeys = defaultdict(dict)
+    expiry: dict[str, int] = {}
+    for user, kind, key_type, public_key, key_json, ts in _STATES_OF_USERS.rows(
+        conn, {"users": sorted(set(user_ids))}
+    ):
+        if kind == "k":
+            keys[user][key_type] = StoredKey(key_type, public_key, key_json, ts)
+        else:
+            expiry[user] = ts
+    return {user: (keys.get(user, {}), expiry.get(user)) for user in {*keys, *expiry}}
 
 
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
@@ -346,21 +386,23 @@ class CrossSigningStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Every upload of cross-signing keys starts with this read; concurrent
+        # uploads share it.
+        self._states: BatchedReader[str, UploadState] = BatchedReader(
+            db, "get_cross_signing_states", get_states_txn, lambda: ({}, None)
+        )
 
     def get_current(self, user_ids: list[str]) -> defer.Deferred[CurrentKeys]:
         """See :func:`get_current_txn`."""
         return self._db.run_read("get_cross_signing_keys", get_current_txn, user_ids)
 
-    def get_state(
-        self, user_id: str
-    ) -> defer.Deferred[tuple[dict[str, StoredKey], int | None]]:
-        """The user's current keys and replacement-window expiry, in one read."""
+    def get_state(self, user_id: str) -> defer.Deferred[UploadState]:
+        """The user's current keys and replacement-window expiry.
 
-        def txn(conn: Connection) -> tuple[dict[str, StoredKey], int | None]:
-            state = get_state_txn(conn, user_id)
-            return state.keys, state.grant_expiry
-
-        return self._db.run_read("get_cross_signing_state", txn)
+        Read together with other uploads' (see :class:`BatchedReader`); the
+        value is shared with callers asking for the same user: read-only.
+        """
+        return self._states.get(user_id)
 
     def replace_keys(
         self,

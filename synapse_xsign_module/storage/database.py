@@ -291,6 +291,11 @@ class Database:
         self._open: set[Connection] = set()
 
     @property
+    def reactor(self) -> Any:
+        """The reactor the transactions answer on (None for command-line use)."""
+        return self._reactor
+
+    @property
     def engine_name(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self.engine.dialect.name
