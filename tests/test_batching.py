@@ -12,6 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from synapse_xsign_module.hosts.embedded.accounts import AccountStore
 from synapse_xsign_module.jsonutil import canonical_json
 from synapse_xsign_module.storage.batching import BatchedReader
 from synapse_xsign_module.storage.cross_signing import (
@@ -209,3 +210,28 @@ class CrossSigningStateTest(unittest.TestCase):
         # A read of one user alone (another statement) reads the same.
         for user, state in zip(users, expected, strict=True):
             self.assertEqual(await self.store.get_state(user), state)
+
+
+class DeviceIdsTest(unittest.TestCase):
+    """The embedded host's device ids, read for every cross-signing upload:
+    concurrent callers share one transaction."""
+
+    def setUp(self) -> None:
+        config = make_config(test_db_url())
+        self.db = prepare_database(config.database)
+        self.db.start()
+        self.addCleanup(self.db.close)
+        self.accounts = AccountStore(self.db)
+
+    async def test_concurrent_reads_are_one_transaction(self) -> None:
+        for user, devices in (("@a:test.local", "AB"), ("@b:test.local", "C")):
+            await self.accounts.upsert_user(user, 1000)
+            for device in devices:
+                await self.accounts.login(user, device, None, 1000)
+        users = ["@a:test.local", "@b:test.local", "@nobody:test.local"]
+        before = self.db.transactions
+        got = await defer.gatherResults([self.accounts.device_ids(u) for u in users])
+        self.assertEqual(self.db.transactions - before, 1)
+        self.assertEqual(got, [{"A", "B"}, {"C"}, set()])
+        # One user alone (another statement) reads the same.
+        self.assertEqual(await self.accounts.device_ids("@a:test.local"), {"A", "B"})

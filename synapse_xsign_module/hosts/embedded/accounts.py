@@ -13,6 +13,7 @@ from sqlalchemy import Connection, bindparam, delete, func, select, update
 from twisted.internet import defer
 
 from synapse_xsign_module.hosts.embedded.token_cache import TokenCache
+from synapse_xsign_module.storage.batching import BatchedReader
 from synapse_xsign_module.storage.cross_signing import (
     current_public_keys_txn,
     reset_txn,
@@ -27,7 +28,7 @@ from synapse_xsign_module.storage.schema import (
     host_devices,
     host_users,
 )
-from synapse_xsign_module.storage.util import any_of
+from synapse_xsign_module.storage.util import RawStatement, any_of
 
 T = TypeVar("T")
 
@@ -181,6 +182,27 @@ def upsert_user_txn(
     return user, existing is None
 
 
+_HD = host_devices.c
+_DEVICES_OF_USER = RawStatement(
+    select(_HD.user_id, _HD.device_id).where(_HD.user_id == bindparam("user"))
+)
+_DEVICES_OF_USERS = RawStatement(
+    select(_HD.user_id, _HD.device_id).where(any_of(_HD.user_id, "users"))
+)
+
+
+def _device_ids_txn(conn: Connection, user_ids: list[str]) -> dict[str, set[str]]:
+    """The device ids of some users (users without devices are left out)."""
+    if len(user_ids) == 1:
+        rows = _DEVICES_OF_USER.rows(conn, {"user": user_ids[0]})
+    else:
+        rows = _DEVICES_OF_USERS.rows(conn, {"users": user_ids})
+    result: dict[str, set[str]] = defaultdict(set)
+    for user_id, device_id in rows:
+        result[user_id].add(device_id)
+    return result
+
+
 class AccountStore:
     """Storage for the embedded host's accounts; each call is one transaction.
 
@@ -195,6 +217,11 @@ class AccountStore:
     ) -> None:
         self._db = db
         self.token_cache = token_cache
+        # Every upload of cross-signing keys reads them (no key may be named
+        # like a device); concurrent uploads share the read.
+        self._device_ids: BatchedReader[str, set[str]] = BatchedReader(
+            db, "get_device_ids", _device_ids_txn, set
+        )
 
     def get_user(self, user_id: str) -> defer.Deferred[User | None]:
         """The account, or None."""
@@ -369,18 +396,9 @@ class AccountStore:
         return self._db.run("logout", txn).addCallback(self._revoked)
 
     def device_ids(self, user_id: str) -> defer.Deferred[set[str]]:
-        """The user's devices."""
-
-        def txn(conn: Connection) -> set[str]:
-            return set(
-                conn.execute(
-                    select(host_devices.c.device_id).where(
-                        host_devices.c.user_id == user_id
-                    )
-                ).scalars()
-            )
-
-        return self._db.run_read("device_ids", txn)
+        """The user's devices (read together with other callers'; the set is
+        shared with callers asking for the same user: read-only)."""
+        return self._device_ids.get(user_id)
 
     def display_names(
         self, user_devices: dict[str, list[str]]
