@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 import threading
@@ -665,6 +666,94 @@ class PipelinedTest(DatabaseTestCase):
 
         status = conn.connection.driver_connection.pgconn.pipeline_status  # type: ignore[union-attr]
         return bool(status != pq.PipelineStatus.OFF)
+
+
+def _round_trips(trace: str) -> int:
+    """Times the client waited for the server in a libpq protocol trace: each
+    turn from messages sent (F) to messages received (B)."""
+    sides = [line.split("\t", 1)[0] for line in trace.splitlines() if line]
+    return sum(1 for a, b in itertools.pairwise(sides) if (a, b) == ("F", "B"))
+
+
+class RoundTripsTest(DatabaseTestCase):
+    """On PostgreSQL a key-changing transaction sends its locks together with
+    the read that follows them, and its writes together: BEGIN, locks + read,
+    writes (then COMMIT)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not self.is_postgres:
+            raise unittest.SkipTest("round trips are counted on PostgreSQL")
+        from synapse_xsign_module.storage.util import _can_pipeline
+
+        if not _can_pipeline(self.db.engine.dialect):
+            raise unittest.SkipTest("this libpq has no pipeline mode")
+
+    async def trips(self, fn: Any) -> int:
+        """Round trips of ``fn(conn)`` in a write transaction, COMMIT not
+        included."""
+        import tempfile
+
+        from psycopg import pq
+
+        def txn(conn: Connection) -> int:
+            pgconn = conn.connection.driver_connection.pgconn  # type: ignore[union-attr]
+            with tempfile.TemporaryFile() as f:
+                pgconn.trace(f.fileno())
+                pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+                try:
+                    fn(conn)
+                finally:
+                    pgconn.untrace()
+                f.seek(0)
+                return _round_trips(f.read().decode("utf-8", "replace"))
+
+        result: int = await self.db.run("trips", txn)
+        return result
+
+    async def test_keys_upload(self) -> None:
+        from synapse_xsign_module.storage.device_keys import OneTimeKey, upload_txn
+
+        dk = {"user_id": "@a:x", "device_id": "D", "algorithms": [], "keys": {}}
+        otks = [OneTimeKey("signed_curve25519", f"k{i}", '"x"') for i in range(5)]
+        self.assertEqual(
+            await self.trips(lambda c: upload_txn(c, "@a:x", "D", dk, otks, [], 1)), 3
+        )
+
+    async def test_cross_signing_upload(self) -> None:
+        from synapse_xsign_module.storage.cross_signing import (
+            NewKey,
+            replace_keys_txn,
+        )
+
+        expected: dict[str, str | None] = {
+            "master": None,
+            "self_signing": None,
+            "user_signing": None,
+        }
+        new = {"master": NewKey("pub", '{"k":1}')}
+        self.assertEqual(
+            await self.trips(lambda c: replace_keys_txn(c, "@a:x", expected, new, 1)),
+            3,
+        )
+
+    async def test_signatures_upload(self) -> None:
+        from synapse_xsign_module.storage.signatures import (
+            Basis,
+            PendingSignature,
+            store_signatures_txn,
+        )
+
+        signer = Basis("@a:x", "self_signing", "ssk", "{}")
+        target = Basis("@a:x", "device", "D", "{}")
+        pending = [
+            PendingSignature("@a:x", "ed25519:ssk", "@a:x", "D", "sig", signer, target)
+        ]
+        versions: dict[str, int | None] = {"@a:x": None}
+        self.assertEqual(
+            await self.trips(lambda c: store_signatures_txn(c, pending, 1, versions)),
+            3,
+        )
 
 
 class ConnectionReuseTest(DatabaseTestCase):

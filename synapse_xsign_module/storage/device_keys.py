@@ -226,26 +226,27 @@ def upload_txn(
     # second insert would hit a unique key (500); and exclude the user's key
     # changes (a signature stored over the device's old keys meanwhile would
     # outlive them). SQLite's writers are serial.
-    lock_device(conn, user_id, device_id)
     old_json: str | None = None
     existing: dict[tuple[str, str], str] = {}
     counts: dict[str, int] = {}
     key_ids = sorted({k.key_id for k in otks})
-    rows = _UPLOAD_READ.rows(
-        conn, {"user": user_id, "device": device_id, "key_ids": key_ids}
-    )
-    for kind, first, second, third in rows:
-        if kind == "d":
-            old_json = first
-        elif kind == "o":
-            existing[(first, second)] = third
-        else:
-            counts[first] = int(second)
-
-    changed = False
-    # What follows only writes: on PostgreSQL one round trip for it all, so
-    # the user's lock is held that much shorter.
+    # On PostgreSQL, one pipeline for the whole: BEGIN, the locks and the
+    # read reach the server in one round trip, and the writes in another,
+    # which ends the pipeline (the lock is held that much shorter).
     with pipelined(conn):
+        lock_device(conn, user_id, device_id)
+        rows = _UPLOAD_READ.rows(
+            conn, {"user": user_id, "device": device_id, "key_ids": key_ids}
+        )
+        for kind, first, second, third in rows:
+            if kind == "d":
+                old_json = first
+            elif kind == "o":
+                existing[(first, second)] = third
+            else:
+                counts[first] = int(second)
+
+        changed = False
         if new_device_keys is not None:
             new_json = canonical_json(new_device_keys)
             if old_json != new_json:

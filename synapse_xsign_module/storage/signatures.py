@@ -141,15 +141,29 @@ def store_signatures_txn(
         return []
     bases = [b for p in pending for b in (p.signer, p.target)]
     users = {b.user_id for b in bases}
-    lock_users(conn, users)
-    if _versions_unchanged(conn, users, versions):
-        stale: list[int] = []
-    else:
-        stale = _stale_signatures(conn, pending, bases)
-    stale_set = set(stale)
+    # On PostgreSQL, one pipeline: BEGIN, the locks and the version read reach
+    # the server in one round trip, the writes in another.
+    with pipelined(conn):
+        lock_users(conn, users)
+        if _versions_unchanged(conn, users, versions):
+            _write_signatures(conn, pending, set(), now_ms)
+            return []
+    # A key changed since the verification: read every key again (outside a
+    # pipeline, where SQLAlchemy's own reads see no rows), store what holds.
+    stale = _stale_signatures(conn, pending, bases)
+    with pipelined(conn):
+        _write_signatures(conn, pending, set(stale), now_ms)
+    return stale
+
+
+def _write_signatures(
+    conn: Connection, pending: list[PendingSignature], stale: set[int], now_ms: int
+) -> None:
+    """Store the signatures of ``pending`` but those at the ``stale`` indexes,
+    and raise the key versions of the users whose own keys they sign."""
     rows = {}
     for i, p in enumerate(pending):
-        if i in stale_set:
+        if i in stale:
             continue
         rows[(p.target_user_id, p.target_key_id, p.signer_user_id, p.signer_key_id)] = {
             "target_user_id": p.target_user_id,
@@ -159,17 +173,15 @@ def store_signatures_txn(
             "signature": p.signature,
             "ts_added_ms": now_ms,
         }
-    with pipelined(conn):  # both writes in one round trip on PostgreSQL
-        upsert(
-            conn,
-            signatures,
-            list(rows.values()),
-            ["target_user_id", "target_key_id", "signer_user_id", "signer_key_id"],
-            ["signature", "ts_added_ms"],
-        )
-        # Signatures over other users' keys are not part of their versions.
-        bump_txn(conn, {t for t, _, s, _ in rows if s == t})
-    return stale
+    upsert(
+        conn,
+        signatures,
+        list(rows.values()),
+        ["target_user_id", "target_key_id", "signer_user_id", "signer_key_id"],
+        ["signature", "ts_added_ms"],
+    )
+    # Signatures over other users' keys are not part of their versions.
+    bump_txn(conn, {t for t, _, s, _ in rows if s == t})
 
 
 def get_own_txn(conn: Connection, user_ids: list[str]) -> VisibleSignatures:

@@ -295,7 +295,11 @@ def pipelined(conn: Connection) -> Iterator[None]:
 
     For statements whose results the block does not use (inserts, updates,
     deletes): a lock held across them is held for one round trip instead of
-    one per statement. An error of any of them is raised at the end of the
+    one per statement. A read inside the block whose rows are fetched there
+    sends what is queued and waits for the answers up to its own: a lock
+    statement and the reads behind it cost one round trip. Such reads must
+    be :meth:`RawStatement.rows`: SQLAlchemy's own result handling looks for
+    the rows before they have arrived, and finds none. An error of any of them is raised at the end of the
     block at the latest, as SQLAlchemy's exception like every driver error
     here; the transaction then rolls back. Inside the block a statement's
     row count is not known yet (:meth:`RawStatement.execute` returns -1).
@@ -323,6 +327,11 @@ def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     order so that two transactions never deadlock on them. SQLite write
     transactions (``BEGIN IMMEDIATE``) are already serialized.
 
+    Called inside :func:`pipelined` together with the reads that follow it,
+    the transaction's BEGIN, the lock and those reads reach PostgreSQL in one
+    round trip: a pipeline's statements run in order, so the reads start (and
+    take their snapshot) once the lock is held.
+
     Args:
         conn: the connection of the current transaction.
         user_ids: users whose keys the transaction reads and then changes.
@@ -330,7 +339,7 @@ def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     users = sorted(set(user_ids))
     if not users or conn.dialect.name != "postgresql":
         return
-    _LOCK_USERS.rows(conn, {"users": users})
+    _LOCK_USERS.execute(conn, {"users": users})
 
 
 def lock_device(conn: Connection, user_id: str, device_id: str) -> None:
@@ -344,11 +353,12 @@ def lock_device(conn: Connection, user_id: str, device_id: str) -> None:
     lock exclusively (cross-signing keys, signatures, the admin API) still
     exclude each other. The shared lock comes first, always: a device lock
     held while waiting behind a queued exclusive request could deadlock. On
-    SQLite, writers are serial anyway.
+    SQLite, writers are serial anyway. Like :func:`lock_users`, it may be
+    pipelined with the reads that follow it.
     """
     if conn.dialect.name != "postgresql":
         return
-    _LOCK_DEVICE.rows(conn, {"user": user_id, "device": f"{user_id}\n{device_id}"})
+    _LOCK_DEVICE.execute(conn, {"user": user_id, "device": f"{user_id}\n{device_id}"})
 
 
 class StringList(TypeDecorator[list[str]]):
