@@ -63,6 +63,15 @@ class Host(Protocol):
     def server_name(self) -> str:
         """The server name of local users."""
 
+    @property
+    def shares_reads(self) -> bool:
+        """Whether concurrent requests may share one database read.
+
+        A shared read answers every request from the completion of one
+        database call; Synapse's log contexts follow each request through
+        its own calls, so inside Synapse each request reads on its own.
+        """
+
     def register_resource(self, path: str, resource: Resource) -> None:
         """Serve ``resource`` at ``path`` (an exact, absolute path)."""
 

@@ -57,7 +57,9 @@ class XSignService:
             config.database, reactor, runner=host.run_in_threadpool
         )
         self.device_key_store = DeviceKeyStore(self.db)
-        self.cross_signing_store = CrossSigningStore(self.db)
+        self.cross_signing_store = CrossSigningStore(
+            self.db, share_reads=host.shares_reads
+        )
         self.signature_store = SignatureStore(self.db)
         self.query_store = QueryStore(self.db)
         self.key_query_cache = UserKeysCache(config.key_query_cache_mb * 1024 * 1024)

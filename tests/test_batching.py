@@ -145,6 +145,17 @@ class BatchedReaderTest(unittest.TestCase):
         self.assertEqual(got, [0, 1, 2, 3, 4])
         self.assertEqual(self.source.batches, [["a", "b"], ["c", "d"], ["e"]])
 
+    async def test_unshared_reads_each_on_its_own(self) -> None:
+        self.source.values = {"a": 1, "b": 2}
+        reader: BatchedReader[str, int] = BatchedReader(
+            self.db, "test_read", self.source.read, lambda: -1, shared=False
+        )
+        got = await defer.gatherResults(
+            [reader.get("a"), reader.get("b"), reader.get("a"), reader.get("zz")]
+        )
+        self.assertEqual(got, [1, 2, 1, -1])
+        self.assertEqual(self.source.batches, [["a"], ["b"], ["a"], ["zz"]])
+
     async def test_without_a_reactor_reads_at_once(self) -> None:
         # Command-line tools run the database without a reactor.
         db = Database(self.db._config, None)

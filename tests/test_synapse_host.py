@@ -6,6 +6,7 @@ from typing import Any
 
 from signedjson.sign import sign_json
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from synapse_xsign_module import XSignModule
@@ -144,6 +145,21 @@ class RegistrationTest(SynapseHostTestCase):
                 XSignModule(config, api)
             self.assertIn(missing, str(cm.exception))
             self.assertEqual(api.resources, {})
+
+
+class OwnReadsTest(SynapseHostTestCase):
+    """Inside Synapse every request reads on its own: one database call never
+    answers several requests (Synapse's log contexts follow each request)."""
+
+    async def test_concurrent_cross_signing_reads_are_not_shared(self) -> None:
+        self.assertFalse(self.module.host.shares_reads)
+        store = self.module.service.cross_signing_store
+        db = self.module.service.db
+        before = db.transactions
+        users = ["@a:test.local", "@b:test.local", "@c:test.local"]
+        got = await defer.gatherResults([store.get_state(u) for u in users])
+        self.assertEqual(got, [({}, None)] * 3)
+        self.assertEqual(db.transactions - before, 3)
 
 
 class KeysTest(SynapseHostTestCase):

@@ -49,6 +49,11 @@ class SynapseHost:
         """Synapse's server name."""
         return str(self._api.server_name)
 
+    @property
+    def shares_reads(self) -> bool:
+        """No: every database call runs in its request's log context."""
+        return False
+
     def register_resource(self, path: str, resource: Resource) -> None:
         """Register through ``ModuleApi.register_web_resource``."""
         if isinstance(resource, JsonResource):

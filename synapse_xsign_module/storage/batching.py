@@ -11,7 +11,6 @@ same kind of read at the same time share one transaction.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from itertools import islice
 from typing import Generic, TypeVar
@@ -22,8 +21,6 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from synapse_xsign_module.storage.database import Database
-
-logger = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -50,6 +47,10 @@ class BatchedReader(Generic[K, V]):
             transaction; keys it leaves out get ``missing()``.
         missing: the value of a key that ``read_txn`` did not return.
         max_batch: most keys in one transaction.
+        shared: False to give every caller a read of its own (each through
+            :meth:`Database.run_read`, as any other read), where the host does
+            not allow one call to answer several requests
+            (:attr:`Host.shares_reads`).
     """
 
     def __init__(
@@ -59,12 +60,14 @@ class BatchedReader(Generic[K, V]):
         read_txn: Callable[[Connection, list[K]], dict[K, V]],
         missing: Callable[[], V],
         max_batch: int = MAX_BATCH,
+        shared: bool = True,
     ) -> None:
         self._db = db
         self._desc = desc
         self._read_txn = read_txn
         self._missing = missing
         self._max_batch = max_batch
+        self._shared = shared
         self._waiting: dict[K, list[defer.Deferred[V]]] = {}
         self._reading = False
         self._scheduled = False
@@ -81,6 +84,10 @@ class BatchedReader(Generic[K, V]):
         Returns:
             A Deferred with the key's value, or with the read's failure.
         """
+        if not self._shared:
+            self.batches += 1
+            self.keys_read += 1
+            return self._db.run_read(self._desc, self._read_one, key)
         d: defer.Deferred[V] = defer.Deferred()
         self._waiting.setdefault(key, []).append(d)
         if not self._reading and not self._scheduled:
@@ -91,6 +98,10 @@ class BatchedReader(Generic[K, V]):
                 self._scheduled = True
                 reactor.callLater(0, self._start)
         return d
+
+    def _read_one(self, conn: Connection, key: K) -> V:
+        result = self._read_txn(conn, [key])
+        return result[key] if key in result else self._missing()
 
     def _start(self) -> None:
         """Read the waiting keys (up to the batch size), unless a read is on."""

@@ -397,12 +397,16 @@ class CrossSigningStore:
         db: the module's database.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, share_reads: bool = True) -> None:
         self._db = db
         # Every upload of cross-signing keys starts with this read; concurrent
-        # uploads share it.
+        # uploads share it where the host allows (Host.shares_reads).
         self._states: BatchedReader[str, UploadState] = BatchedReader(
-            db, "get_cross_signing_states", get_states_txn, lambda: ({}, None)
+            db,
+            "get_cross_signing_states",
+            get_states_txn,
+            lambda: ({}, None),
+            shared=share_reads,
         )
 
     def get_current(self, user_ids: list[str]) -> defer.Deferred[CurrentKeys]:

@@ -69,6 +69,11 @@ class EmbeddedHost:
         self.changed_users: list[str] = []
 
     @property
+    def shares_reads(self) -> bool:
+        """Yes: concurrent requests may share one database read."""
+        return True
+
+    @property
     def server_name(self) -> str:
         """The server name of local users."""
         return self._config.embedded.server_name
