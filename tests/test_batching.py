@@ -20,7 +20,6 @@ from synapse_xsign_module.storage.cross_signing import (
     NewKey,
     get_state_txn,
 )
-from synapse_xsign_module.storage.database import Database
 from tests.utils import (
     cross_signing_key,
     make_config,
@@ -157,24 +156,19 @@ class BatchedReaderTest(unittest.TestCase):
         # Each its own read, run side by side in the pool (in any order).
         self.assertEqual(sorted(self.source.batches), [["a"], ["a"], ["b"], ["zz"]])
 
-    async def test_without_a_reactor_reads_at_once(self) -> None:
-        # Command-line tools run the database without a reactor.
-        db = Database(self.db._config, None)
-        self.addCleanup(db.close)
-        reader: BatchedReader[str, int] = BatchedReader(
-            db, "test_read", self.source.read, lambda: -1
-        )
+    async def test_a_read_that_cannot_start_fails_its_callers_only(self) -> None:
         self.source.values = {"a": 1}
-        calls: list[Any] = []
-        runs: list[str] = []
+        reader = self.reader()
+        real = self.db.run_read
 
-        def run_read(desc: str, fn: Any, keys: list[str]) -> defer.Deferred[Any]:
-            runs.append(desc)
-            return defer.succeed(fn(None, keys))
+        def broken(*args: Any) -> Any:
+            self.db.run_read = real  # type: ignore[method-assign]
+            raise RuntimeError("no pool")
 
-        db.run_read = run_read  # type: ignore[method-assign]
-        reader.get("a").addCallback(calls.append)
-        self.assertEqual((calls, runs), ([1], ["test_read"]))
+        self.db.run_read = broken  # type: ignore[method-assign]
+        with self.assertRaises(RuntimeError):
+            await reader.get("a")
+        self.assertEqual(await reader.get("a"), 1)
 
 
 class CrossSigningStateTest(unittest.TestCase):

@@ -91,12 +91,8 @@ class BatchedReader(Generic[K, V]):
         d: defer.Deferred[V] = defer.Deferred()
         self._waiting.setdefault(key, []).append(d)
         if not self._reading and not self._scheduled:
-            reactor = self._db.reactor
-            if reactor is None:
-                self._start()
-            else:
-                self._scheduled = True
-                reactor.callLater(0, self._start)
+            self._scheduled = True
+            self._db.reactor.callLater(0, self._start)
         return d
 
     def _read_one(self, conn: Connection, key: K) -> V:
@@ -113,7 +109,12 @@ class BatchedReader(Generic[K, V]):
         self._reading = True
         self.batches += 1
         self.keys_read += len(keys)
-        d = self._db.run_read(self._desc, self._read_txn, keys)
+        try:
+            d = self._db.run_read(self._desc, self._read_txn, keys)
+        except Exception:
+            # Not even started: its callers fail, and the rest go on.
+            self._finished(Failure(), waiters)
+            return
         d.addBoth(self._finished, waiters)
 
     def _finished(

@@ -264,8 +264,8 @@ def replace_keys_txn(
         KeyIdInUse: a new public key is the id of one of the user's devices
             with keys; nothing was stored.
     """
-    # On PostgreSQL, one pipeline for the whole: BEGIN, the lock and the read
-    # reach the server in one round trip, and the writes in another.
+    # On PostgreSQL, one pipeline for the whole: after BEGIN, the lock and the
+    # read reach the server in one round trip, and the writes in another.
     with pipelined(conn):
         _replace_keys(conn, user_id, expected, new_keys, now_ms)
 
@@ -403,7 +403,7 @@ class CrossSigningStore:
         # uploads share it where the host allows (Host.shares_reads).
         self._states: BatchedReader[str, UploadState] = BatchedReader(
             db,
-            "get_cross_signing_states",
+            "get_cross_signing_state",
             get_states_txn,
             lambda: ({}, None),
             shared=share_reads,

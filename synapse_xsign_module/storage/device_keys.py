@@ -230,8 +230,8 @@ def upload_txn(
     existing: dict[tuple[str, str], str] = {}
     counts: dict[str, int] = {}
     key_ids = sorted({k.key_id for k in otks})
-    # On PostgreSQL, one pipeline for the whole: BEGIN, the locks and the
-    # read reach the server in one round trip, and the writes in another,
+    # On PostgreSQL, one pipeline for the whole: after BEGIN, the locks and
+    # the read reach the server in one round trip, and the writes in another,
     # which ends the pipeline (the lock is held that much shorter).
     with pipelined(conn):
         lock_device(conn, user_id, device_id)

@@ -141,8 +141,8 @@ def store_signatures_txn(
         return []
     bases = [b for p in pending for b in (p.signer, p.target)]
     users = {b.user_id for b in bases}
-    # On PostgreSQL, one pipeline: BEGIN, the locks and the version read reach
-    # the server in one round trip, the writes in another.
+    # On PostgreSQL, one pipeline: after BEGIN, the locks and the version read
+    # reach the server in one round trip, the writes in another.
     with pipelined(conn):
         lock_users(conn, users)
         if _versions_unchanged(conn, users, versions):

@@ -328,9 +328,10 @@ def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     transactions (``BEGIN IMMEDIATE``) are already serialized.
 
     Called inside :func:`pipelined` together with the reads that follow it,
-    the transaction's BEGIN, the lock and those reads reach PostgreSQL in one
-    round trip: a pipeline's statements run in order, so the reads start (and
-    take their snapshot) once the lock is held.
+    the lock and those reads reach PostgreSQL in one round trip (after the
+    transaction's BEGIN, which psycopg sends on its own): a pipeline's
+    statements run in order, so the reads start (and take their snapshot)
+    once the lock is held.
 
     Args:
         conn: the connection of the current transaction.
