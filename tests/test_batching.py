@@ -26,6 +26,7 @@ from tests.utils import (
     new_signing_key,
     prepare_database,
     public_key,
+    remove_sqlite,
     test_db_url,
 )
 
@@ -62,12 +63,21 @@ async def _until(condition: Any) -> None:
     raise AssertionError("condition never held")
 
 
-class BatchedReaderTest(unittest.TestCase):
+class _DatabaseCase(unittest.TestCase):
+    """A migrated, empty database of the engine under test, started."""
+
     def setUp(self) -> None:
-        config = make_config(test_db_url())
-        self.db = prepare_database(config.database)
+        url = test_db_url()
+        if url.startswith("sqlite:///"):
+            self.addCleanup(remove_sqlite, url[len("sqlite:///") :])
+        self.db = prepare_database(make_config(url).database)
         self.db.start()
         self.addCleanup(self.db.close)
+
+
+class BatchedReaderTest(_DatabaseCase):
+    def setUp(self) -> None:
+        super().setUp()
         self.source = _Source()
 
     def reader(self, max_batch: int = 256) -> BatchedReader[str, int]:
@@ -171,15 +181,12 @@ class BatchedReaderTest(unittest.TestCase):
         self.assertEqual(await reader.get("a"), 1)
 
 
-class CrossSigningStateTest(unittest.TestCase):
+class CrossSigningStateTest(_DatabaseCase):
     """``CrossSigningStore.get_state`` reads what the one-user read reads, and
     concurrent uploads share one transaction."""
 
     def setUp(self) -> None:
-        config = make_config(test_db_url())
-        self.db = prepare_database(config.database)
-        self.db.start()
-        self.addCleanup(self.db.close)
+        super().setUp()
         self.store = CrossSigningStore(self.db)
 
     async def store_master(self, user_id: str) -> None:
@@ -218,15 +225,12 @@ class CrossSigningStateTest(unittest.TestCase):
             self.assertEqual(await self.store.get_state(user), state)
 
 
-class DeviceIdsTest(unittest.TestCase):
+class DeviceIdsTest(_DatabaseCase):
     """The embedded host's device ids, read for every cross-signing upload:
     concurrent callers share one transaction."""
 
     def setUp(self) -> None:
-        config = make_config(test_db_url())
-        self.db = prepare_database(config.database)
-        self.db.start()
-        self.addCleanup(self.db.close)
+        super().setUp()
         self.accounts = AccountStore(self.db)
 
     async def test_concurrent_reads_are_one_transaction(self) -> None:

@@ -267,70 +267,59 @@ def replace_keys_txn(
     # On PostgreSQL, one pipeline for the whole: after BEGIN, the lock and the
     # read reach the server in one round trip, and the writes in another.
     with pipelined(conn):
-        _replace_keys(conn, user_id, expected, new_keys, now_ms)
+        lock_users(conn, [user_id])
+        state = get_state_txn(conn, user_id, [k.public_key for k in new_keys.values()])
+        current = state.keys
+        for kt in KEY_TYPES:
+            have = current.get(kt)
+            if (have.key_json if have else None) != expected.get(kt):
+                raise IdentityChanged(user_id)
+        if state.device_ids_named:
+            raise KeyIdInUse(user_id)
 
-
-def _replace_keys(
-    conn: Connection,
-    user_id: str,
-    expected: dict[str, str | None],
-    new_keys: dict[str, NewKey],
-    now_ms: int,
-) -> None:
-    """The body of :func:`replace_keys_txn` (inside its pipeline)."""
-    lock_users(conn, [user_id])
-    state = get_state_txn(conn, user_id, [k.public_key for k in new_keys.values()])
-    current = state.keys
-    for kt in KEY_TYPES:
-        have = current.get(kt)
-        if (have.key_json if have else None) != expected.get(kt):
-            raise IdentityChanged(user_id)
-    if state.device_ids_named:
-        raise KeyIdInUse(user_id)
-
-    old_master = current.get(MASTER)
-    new_master = new_keys.get(MASTER)
-    master_changed = (
-        new_master is not None
-        and old_master is not None
-        and old_master.public_key != new_master.public_key
-    )
-    changed = False
-    rows = []
-    # Only writes from here: they and the pipeline's end are one round trip.
-    for kt in KEY_TYPES:
-        old = current.get(kt)
-        new = new_keys.get(kt)
-        if new is not None:
-            if old is not None and old.key_json == new.key_json:
-                continue
-            changed = True
-            if old is not None:
-                _retire_txn(conn, user_id, old, now_ms, "replaced")
-            rows.append(
-                {
-                    "user_id": user_id,
-                    "key_type": kt,
-                    "public_key": new.public_key,
-                    "key_json": new.key_json,
-                    "uploaded_ts": now_ms,
-                }
-            )
-        elif old is not None and master_changed:
-            # The old SSK/USK was signed by the old master: it no longer chains.
-            changed = True
-            _retire_txn(conn, user_id, old, now_ms, "master_replaced")
-    # After every retirement: a key type has one current row at a time.
-    insert_many(conn, cross_signing_keys, rows)
-    if changed:
-        bump_txn(conn, [user_id])
-    if (
-        new_master is not None
-        and (old_master is None or old_master.key_json != new_master.key_json)
-        and state.grant_expiry is not None
-    ):
-        # A new master closes the admin-granted replacement window.
-        _delete_grant_txn(conn, user_id)
+        old_master = current.get(MASTER)
+        new_master = new_keys.get(MASTER)
+        master_changed = (
+            new_master is not None
+            and old_master is not None
+            and old_master.public_key != new_master.public_key
+        )
+        changed = False
+        rows = []
+        # Only writes from here: they and the pipeline's end are one round trip.
+        for kt in KEY_TYPES:
+            old = current.get(kt)
+            new = new_keys.get(kt)
+            if new is not None:
+                if old is not None and old.key_json == new.key_json:
+                    continue
+                changed = True
+                if old is not None:
+                    _retire_txn(conn, user_id, old, now_ms, "replaced")
+                rows.append(
+                    {
+                        "user_id": user_id,
+                        "key_type": kt,
+                        "public_key": new.public_key,
+                        "key_json": new.key_json,
+                        "uploaded_ts": now_ms,
+                    }
+                )
+            elif old is not None and master_changed:
+                # The old SSK/USK was signed by the old master: it no longer chains.
+                changed = True
+                _retire_txn(conn, user_id, old, now_ms, "master_replaced")
+        # After every retirement: a key type has one current row at a time.
+        insert_many(conn, cross_signing_keys, rows)
+        if changed:
+            bump_txn(conn, [user_id])
+        if (
+            new_master is not None
+            and (old_master is None or old_master.key_json != new_master.key_json)
+            and state.grant_expiry is not None
+        ):
+            # A new master closes the admin-granted replacement window.
+            _delete_grant_txn(conn, user_id)
 
 
 def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:
