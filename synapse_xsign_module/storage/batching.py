@@ -71,7 +71,7 @@ class BatchedReader(Generic[K, V]):
         self._waiting: dict[K, list[defer.Deferred[V]]] = {}
         self._reading = False
         self._scheduled = False
-        #: Transactions run and keys read (for tests and metrics).
+        #: Transactions run and keys read (for tests).
         self.batches = 0
         self.keys_read = 0
 

@@ -299,9 +299,10 @@ def pipelined(conn: Connection) -> Iterator[None]:
     sends what is queued and waits for the answers up to its own: a lock
     statement and the reads behind it cost one round trip. Such reads must
     be :meth:`RawStatement.rows`: SQLAlchemy's own result handling looks for
-    the rows before they have arrived, and finds none. An error of any of them is raised at the end of the
-    block at the latest, as SQLAlchemy's exception like every driver error
-    here; the transaction then rolls back. Inside the block a statement's
+    the rows before they have arrived, and finds none. An error of any
+    statement is raised at the end of the block at the latest, as
+    SQLAlchemy's exception like every driver error here; the transaction
+    then rolls back. Inside the block a statement's
     row count is not known yet (:meth:`RawStatement.execute` returns -1).
     Elsewhere (SQLite, another PostgreSQL driver, a libpq without pipeline
     mode) it does nothing.
