@@ -220,7 +220,7 @@ class CrossSigningStateTest(_DatabaseCase):
         self.assertEqual(sorted(got[0][0]), ["master"])
         self.assertEqual(got[1][1], 6000)
         self.assertEqual(got[2], ({}, None))
-        # A read of one user alone (another statement) reads the same.
+        # A read of one user alone (a batch of one) reads the same.
         for user, state in zip(users, expected, strict=True):
             self.assertEqual(await self.store.get_state(user), state)
 
@@ -243,5 +243,5 @@ class DeviceIdsTest(_DatabaseCase):
         got = await defer.gatherResults([self.accounts.device_ids(u) for u in users])
         self.assertEqual(self.db.transactions - before, 1)
         self.assertEqual(got, [{"A", "B"}, {"C"}, set()])
-        # One user alone (another statement) reads the same.
+        # One user alone (a batch of one) reads the same.
         self.assertEqual(await self.accounts.device_ids("@a:test.local"), {"A", "B"})

@@ -190,10 +190,6 @@ UploadState = tuple[dict[str, StoredKey], int | None]
 def get_states_txn(conn: Connection, user_ids: list[str]) -> dict[str, UploadState]:
     """The current keys and replacement-window expiry of some users, in one
     statement (users with neither are left out)."""
-    if len(user_ids) == 1:
-        # The one-user statement: no array to bind (measured 0.1 ms faster).
-        state = get_state_txn(conn, user_ids[0])
-        return {user_ids[0]: (state.keys, state.grant_expiry)}
     keys: CurrentKeys = defaultdict(dict)
     expiry: dict[str, int] = {}
     for user, kind, key_type, public_key, key_json, ts in _STATES_OF_USERS.rows(

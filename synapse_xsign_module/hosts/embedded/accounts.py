@@ -183,9 +183,6 @@ def upsert_user_txn(
 
 
 _HD = host_devices.c
-_DEVICES_OF_USER = RawStatement(
-    select(_HD.user_id, _HD.device_id).where(_HD.user_id == bindparam("user"))
-)
 _DEVICES_OF_USERS = RawStatement(
     select(_HD.user_id, _HD.device_id).where(any_of(_HD.user_id, "users"))
 )
@@ -193,12 +190,8 @@ _DEVICES_OF_USERS = RawStatement(
 
 def _device_ids_txn(conn: Connection, user_ids: list[str]) -> dict[str, set[str]]:
     """The device ids of some users (users without devices are left out)."""
-    if len(user_ids) == 1:
-        rows = _DEVICES_OF_USER.rows(conn, {"user": user_ids[0]})
-    else:
-        rows = _DEVICES_OF_USERS.rows(conn, {"users": user_ids})
     result: dict[str, set[str]] = defaultdict(set)
-    for user_id, device_id in rows:
+    for user_id, device_id in _DEVICES_OF_USERS.rows(conn, {"users": user_ids}):
         result[user_id].add(device_id)
     return result
 
