@@ -298,7 +298,7 @@ class SiteTest(unittest.TestCase):
             assert request.content is not None
             request.content.seek(0)
             self.buffered.append(request.content.read())
-            body = read_json_body(request, 100)
+            body = read_json_body(request, request.max_body)  # type: ignore[attr-defined]
             return 200, {"keys": sorted(body)}
 
         self.resource.add_route("POST", "", echo)
@@ -398,6 +398,29 @@ class SiteTest(unittest.TestCase):
         status, _ = self.status_and_body(out)
         self.assertEqual(status, 413)
         self.assertEqual(opened, [])
+
+    def test_large_body_within_limit_is_kept_in_memory(self) -> None:
+        """A body of 100 kB or more within the limit is parsed from memory:
+        Twisted alone would write it to a temp file and read it back."""
+        opened: list[int] = []
+        real = tempfile.TemporaryFile
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            opened.append(1)
+            return real(*args, **kwargs)
+
+        self.patch(tempfile, "TemporaryFile", counting)
+        site = XSignSite(self.resource, 1_000_000, False, False)
+        site.reactor = Clock()
+        body = b'{"a": "' + b"x" * 200_000 + b'", "b": 1}'
+        out = self.send(
+            site,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body),
+        )
+        self.assertEqual(self.status_and_body(out), (200, {"keys": ["a", "b"]}))
+        self.assertEqual(opened, [])
+        self.assertEqual(self.buffered, [body])
 
     def test_chunked_body_over_limit_is_flagged(self) -> None:
         """A chunked body growing past the limit is flagged; the excess is dropped."""

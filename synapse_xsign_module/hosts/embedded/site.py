@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from io import BytesIO
 from typing import Any
 
 from twisted.web.http import HTTPChannel
@@ -36,11 +37,18 @@ class XSignRequest(Request):
         self._start = time.monotonic()
 
     def gotLength(self, length: int | None) -> None:
-        """Flag a declared length over the limit before any body arrives."""
+        """Flag a declared length over the limit before any body arrives, and
+        buffer the body in memory.
+
+        Twisted writes a body of 100 kB or more (or of unknown length) to a
+        temporary file, then it is read back whole to be parsed. The limit
+        already bounds what is kept, so memory it is: a 500-device signature
+        upload (300 kB) no longer makes a file, writes it chunk by chunk and
+        reads it back.
+        """
         if length is not None and length > self.max_body:
             self.xsign_body_too_large = True
-            length = 0  # an in-memory buffer that will stay empty, no temp file
-        super().gotLength(length)  # type: ignore[no-untyped-call]
+        self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         """Buffer body data only while under the limit."""
