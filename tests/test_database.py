@@ -459,6 +459,38 @@ class RawStatementTest(DatabaseTestCase):
         self.assertEqual(again, [("@a:x", 5)])
         self.assertTrue(all(type(r) is tuple for r in first))
 
+    async def test_plain_parameters_in_any_order(self) -> None:
+        """Parameters without conversions are bound by name whatever the order
+        of the set, one used twice included, and keys the statement does not
+        use are ignored."""
+        t = host_users.c
+        stmt = (
+            select(t.user_id)
+            .where(
+                t.created_ts >= bindparam("lo"),
+                t.created_ts < bindparam("hi"),
+                t.user_id != bindparam("skip"),
+                t.created_ts != bindparam("lo") + 1,
+            )
+            .order_by(t.user_id)
+        )
+        raw = RawStatement(stmt)
+        one = RawStatement(select(t.user_id).where(t.user_id == bindparam("id")))
+
+        def txn(conn: Connection) -> tuple[list[Any], list[Any], list[Any]]:
+            conn.execute(
+                host_users.insert(),
+                [{"user_id": f"@u{i}:x", "created_ts": i} for i in range(8)],
+            )
+            params = {"unused": 0, "skip": "@u5:x", "hi": 7, "lo": 2}
+            expected = [tuple(r) for r in conn.execute(stmt, params)]
+            return raw.rows(conn, params), expected, one.rows(conn, {"id": "@u3:x"})
+
+        got, expected, single = await self.db.run("raw", txn)
+        self.assertEqual(got, expected)
+        self.assertEqual(got, [("@u2:x",), ("@u4:x",), ("@u6:x",)])
+        self.assertEqual(single, [("@u3:x",)])
+
     async def test_driver_errors_are_sqlalchemy_errors(self) -> None:
         """A failing statement raises SQLAlchemy's DBAPIError (what retries and
         dropping a broken connection look for), and the transaction rolls back."""

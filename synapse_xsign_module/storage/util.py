@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -174,6 +175,18 @@ class _RawCompiled(NamedTuple):
     order: tuple[str, ...] | None
     processors: dict[str, Any]
     constants: dict[str, Any]
+    #: For a statement with neither conversions nor constants: the driver's
+    #: parameters from a parameter set (for a positional driver, the values
+    #: picked in order in one C call; else the set itself).
+    pick: Callable[[dict[str, Any]], Any] | None
+
+
+def _as_given(params: dict[str, Any]) -> dict[str, Any]:
+    return params
+
+
+def _single(name: str) -> Callable[[dict[str, Any]], tuple[Any]]:
+    return lambda params: (params[name],)
 
 
 class RawStatement:
@@ -214,7 +227,15 @@ class RawStatement:
                 value = bind.effective_value
                 constants[name] = processor(value) if processor else value
         order = tuple(compiled.positiontup) if compiled.positional else None
-        entry = _RawCompiled(compiled.string, order, processors, constants)
+        pick: Callable[[dict[str, Any]], Any] | None = None
+        if not processors and not constants:
+            if order is None:
+                pick = _as_given
+            elif len(order) > 1:
+                pick = operator.itemgetter(*order)
+            elif order:
+                pick = _single(order[0])
+        entry = _RawCompiled(compiled.string, order, processors, constants, pick)
         self._compiled[dialect.name] = entry
         return entry
 
@@ -224,6 +245,8 @@ class RawStatement:
 
     @staticmethod
     def _bind(entry: _RawCompiled, params: dict[str, Any]) -> Any:
+        if entry.pick is not None:
+            return entry.pick(params)
         values = dict(entry.constants)
         for k, v in params.items():
             processor = entry.processors.get(k)
