@@ -31,3 +31,22 @@ def body_hash(body: dict[str, Any]) -> str:
 def strip_signatures(obj: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of a signed object without ``signatures`` and ``unsigned``."""
     return {k: v for k, v in obj.items() if k not in ("signatures", "unsigned")}
+
+
+_MISSING = object()
+
+
+def equal_apart_from_signatures(obj: dict[str, Any], stripped: dict[str, Any]) -> bool:
+    """Whether ``strip_signatures(obj) == stripped``, without making the copy.
+
+    Args:
+        obj: a signed object.
+        stripped: an object without ``signatures`` and ``unsigned``.
+    """
+    kept = len(obj) - ("signatures" in obj) - ("unsigned" in obj)
+    if kept != len(stripped):
+        return False
+    for key, value in stripped.items():
+        if obj.get(key, _MISSING) != value:
+            return False
+    return True

@@ -17,7 +17,12 @@ from synapse_xsign_module.handlers.crypto import (
     stored_content,
     verify_signature,
 )
-from synapse_xsign_module.jsonutil import canonical_json
+from synapse_xsign_module.handlers.validation import is_signatures
+from synapse_xsign_module.jsonutil import (
+    canonical_json,
+    equal_apart_from_signatures,
+    strip_signatures,
+)
 from tests.utils import new_signing_key, public_key
 
 USER = "@alice:test.local"
@@ -105,6 +110,64 @@ class SignedBytesTest(unittest.TestCase):
         a = signed_bytes({"n": 1})
         b = signed_bytes({"n": 1.0})
         self.assertNotEqual(a, b)
+
+
+class EqualApartFromSignaturesTest(unittest.TestCase):
+    """equal_apart_from_signatures agrees with comparing stripped copies."""
+
+    def test_cases(self) -> None:
+        """Signatures and unsigned are ignored; every other key counts."""
+        obj, _ = signed_object()
+        stripped = strip_signatures(obj)
+        cases: list[tuple[dict[str, Any], bool]] = [
+            (obj, True),
+            (strip_signatures(obj), True),
+            ({**obj, "signatures": {}}, True),
+            ({k: v for k, v in obj.items() if k != "unsigned"}, True),
+            ({**obj, "extra": {"text": "changed"}}, False),
+            ({**obj, "more": 1}, False),
+            ({k: v for k, v in obj.items() if k != "device_id"}, False),
+            ({**obj, "device_id": None}, False),
+            # Two keys fewer and two more, so that only the count matches.
+            (
+                {
+                    **{k: v for k, v in obj.items() if k not in ("keys", "extra")},
+                    "a": 1,
+                    "b": 2,
+                },
+                False,
+            ),
+        ]
+        for case, expected in cases:
+            self.assertEqual(
+                equal_apart_from_signatures(case, stripped), expected, case
+            )
+            self.assertEqual(strip_signatures(case) == stripped, expected, case)
+
+    def test_missing_key_is_not_a_none_value(self) -> None:
+        """A key absent from the object differs from one stored as null."""
+        self.assertFalse(equal_apart_from_signatures({"b": 1}, {"a": None}))
+        self.assertTrue(equal_apart_from_signatures({"a": None}, {"a": None}))
+
+
+class IsSignaturesTest(unittest.TestCase):
+    """The signatures-map shape check."""
+
+    def test_shapes(self) -> None:
+        """Only user -> key id -> string maps pass."""
+        self.assertTrue(is_signatures({}))
+        self.assertTrue(is_signatures({"@a:x": {}}))
+        self.assertTrue(is_signatures({"@a:x": {"ed25519:K": "sig"}, "@b:x": {}}))
+        for bad in (
+            [],
+            "sig",
+            None,
+            {"@a:x": "sig"},
+            {"@a:x": ["sig"]},
+            {"@a:x": {"ed25519:K": 1}},
+            {"@a:x": {"ed25519:K": "sig"}, "@b:x": {"ed25519:L": None}},
+        ):
+            self.assertFalse(is_signatures(bad), bad)
 
 
 class SodiumPathTest(unittest.TestCase):

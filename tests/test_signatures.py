@@ -141,6 +141,52 @@ class AcceptedKindsTest(SignatureTestBase):
                 sig_of(master, alice.user_id, key_id),
             )
 
+    def record_device_reads(self) -> list[dict[str, list[str]]]:
+        """The device-key reads of signature uploads' context, as they happen."""
+        seen: list[dict[str, list[str]]] = []
+        real = storage_signatures.get_device_keys_txn
+
+        def recording(conn: Any, query: dict[str, list[str]]) -> Any:
+            seen.append(query)
+            return real(conn, query)
+
+        self.patch(storage_signatures, "get_device_keys_txn", recording)
+        return seen
+
+    async def test_only_devices_an_upload_may_involve_are_read(self) -> None:
+        """An upload reads the devices it signs, and the signers of an object
+        presented as a master key; not every key id in every signature."""
+        alice = await self.ready_user("alice")
+        seen = self.record_device_reads()
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        self.assertEqual(failures, {})
+        self.assertEqual(seen, [{alice.user_id: [alice.device_id]}])
+        seen.clear()
+        master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
+        pub = public_key(alice.master)
+        self.assertEqual(
+            await self.sign_upload(alice, {alice.user_id: {pub: master}}), {}
+        )
+        self.assertEqual(seen, [{alice.user_id: sorted([pub, alice.device_id])}])
+
+    async def test_master_without_its_usage_does_not_match(self) -> None:
+        """An object under the master key's id whose usage lacks "master" is
+        not the stored master key, whoever signs it."""
+        alice = await self.ready_user("alice")
+        pub = public_key(alice.master)
+        for usage in ([], ["self_signing"], "master", None):
+            obj = {**self.master_obj(alice), "usage": usage}
+            if usage is None:
+                del obj["usage"]
+            signed = sign_json(obj, alice.user_id, alice.device_key)
+            failures = await self.sign_upload(alice, {alice.user_id: {pub: signed}})
+            failure = failures[alice.user_id][pub]
+            self.assertEqual(failure["errcode"], "M_INVALID_PARAM", usage)
+            self.assertIn("does not match the stored master key", failure["error"])
+        self.assertEqual(self.signature_rows(), 0)
+
     async def test_usk_over_other_master_visible_to_signer_only(self) -> None:
         """Alice's USK signature on Bob's master is seen by Alice, not Bob or Carol."""
         alice = await self.ready_user("alice")

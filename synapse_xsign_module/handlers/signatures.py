@@ -25,16 +25,21 @@ from synapse_xsign_module.handlers.crypto import (
     signed_bytes,
     stored_content,
 )
-from synapse_xsign_module.handlers.validation import require_signatures, server_of
+from synapse_xsign_module.handlers.validation import (
+    is_signatures,
+    require_signatures,
+    server_of,
+)
 from synapse_xsign_module.handlers.verification import SignatureVerifier
 from synapse_xsign_module.host import Host, Requester
 from synapse_xsign_module.http.base import JsonDict
-from synapse_xsign_module.jsonutil import strip_signatures
+from synapse_xsign_module.jsonutil import equal_apart_from_signatures
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
     SELF_SIGNING,
     USER_SIGNING,
     CurrentKeys,
+    StoredKey,
 )
 from synapse_xsign_module.storage.signatures import (
     Basis,
@@ -75,10 +80,66 @@ class _Check(NamedTuple):
     recheck: tuple[dict[str, Any], str] | None = None
 
 
+class _SelfSigning(NamedTuple):
+    """The uploader's self-signing key, as its signatures are checked and stored.
+
+    Attributes:
+        public_key: the public key (unpadded base64).
+        key_id: ``ed25519:<public key>``, the signatures' key id.
+        basis: what its signatures are checked against.
+    """
+
+    public_key: str
+    key_id: str
+    basis: Basis
+
+
+class _OwnKeys(NamedTuple):
+    """The uploader's keys, looked up once per upload rather than per item.
+
+    Attributes:
+        user_id: the uploader.
+        master: the current master key, if any.
+        self_signing: the current self-signing key, if any.
+        devices: the uploader's devices the upload mentions (device id -> key
+            JSON), those that have keys.
+    """
+
+    user_id: str
+    master: StoredKey | None
+    self_signing: _SelfSigning | None
+    devices: dict[str, str]
+
+    @classmethod
+    def of(cls, me: str, cross: CurrentKeys, devices: dict[str, str]) -> _OwnKeys:
+        """The uploader ``me``'s keys from an upload's context."""
+        mine = cross.get(me, {})
+        ssk = mine.get(SELF_SIGNING)
+        self_signing = None
+        if ssk is not None:
+            self_signing = _SelfSigning(
+                ssk.public_key,
+                f"ed25519:{ssk.public_key}",
+                Basis(me, SELF_SIGNING, ssk.public_key, ssk.key_json),
+            )
+        return cls(me, mine.get(MASTER), self_signing, devices)
+
+
 def _mentioned_devices(me: str, own_items: dict[str, Any]) -> list[str]:
-    """Device ids an upload's own items may involve: signed or signing."""
+    """Device ids an upload's own items may involve: every item's key id (a
+    device it may sign), and the devices signing an item presented as a master
+    key.
+
+    Only an object whose ``usage`` holds ``master`` can match the stored master
+    key (whose usage always does), so only its signers are ever looked up:
+    the signatures of the other items (500 for a self-signing key signing 500
+    devices) are not walked.
+    """
     ids = set(own_items)
     for obj in own_items.values():
+        usage = obj.get("usage")
+        if not isinstance(usage, list) or MASTER not in usage:
+            continue
         sigs = obj.get("signatures")
         mine = sigs.get(me) if isinstance(sigs, dict) else None
         if isinstance(mine, dict):
@@ -120,7 +181,7 @@ def _same_content(
         The bytes the signature must cover, and what to recheck on failure.
     """
     stored_obj, message = stored_content(stored_json)
-    if strip_signatures(obj) == stored_obj:
+    if equal_apart_from_signatures(obj, stored_obj):
         return message, (obj, what)
     if signed_bytes(obj) != message:
         raise ItemFailure(Codes.INVALID_PARAM, _mismatch(what))
@@ -180,9 +241,9 @@ class SignatureHandler:
             for key_id, obj in items.items():
                 if not isinstance(obj, dict):
                     raise bad_json(f"'{user_id}.{key_id}' must be a signed JSON object")
-                require_signatures(
-                    obj.get("signatures", {}), f"{user_id}.{key_id}.signatures"
-                )
+                sigs = obj.get("signatures", {})
+                if not is_signatures(sigs):  # the name is made only for the error
+                    require_signatures(sigs, f"{user_id}.{key_id}.signatures")
 
         me = requester.user_id
         others = [u for u in body if u != me and server_of(u) == self._host.server_name]
@@ -190,11 +251,8 @@ class SignatureHandler:
         context = await self._store.load_context(
             me, others, _mentioned_devices(me, own_items)
         )
-        cross, my_devices, already_stored = (
-            context.cross,
-            context.devices,
-            context.stored,
-        )
+        cross, already_stored = context.cross, context.stored
+        own = _OwnKeys.of(me, cross, context.devices)
 
         failures: dict[str, dict[str, JsonDict]] = {}
         checks: list[_Check] = []
@@ -209,9 +267,7 @@ class SignatureHandler:
             for key_id, obj in items.items():
                 try:
                     if target_user == me:
-                        checks.extend(
-                            self._own_item(me, key_id, obj, cross, my_devices)
-                        )
+                        checks.extend(self._own_item(own, key_id, obj))
                     else:
                         checks.extend(
                             self._other_item(me, target_user, key_id, obj, cross)
@@ -273,35 +329,27 @@ class SignatureHandler:
             self._host.notify_user_signature_update(me, others)
 
     def _own_item(
-        self,
-        me: str,
-        key_id: str,
-        obj: dict[str, Any],
-        cross: CurrentKeys,
-        my_devices: dict[str, str],
+        self, own: _OwnKeys, key_id: str, obj: dict[str, Any]
     ) -> list[_Check]:
-        mine = cross.get(me, {})
-        master = mine.get(MASTER)
-        if master is not None and key_id == master.public_key:
+        me, ssk = own.user_id, own.self_signing
+        if own.master is not None and key_id == own.master.public_key:
             return self._device_over_master(
-                me, key_id, obj, master.key_json, my_devices
+                me, key_id, obj, own.master.key_json, own.devices
             )
-        if key_id in my_devices:
-            ssk = mine.get(SELF_SIGNING)
+        device_json = own.devices.get(key_id)
+        if device_json is not None:
             if ssk is None:
                 raise ItemFailure(
                     Codes.NOT_FOUND, f"No self-signing key found for {me}"
                 )
             message, recheck = _same_content(
-                obj, my_devices[key_id], f"keys of device {key_id}"
+                obj, device_json, f"keys of device {key_id}"
             )
-            signer_key_id = f"ed25519:{ssk.public_key}"
-            if not isinstance(
-                obj.get("signatures", {}).get(me, {}).get(signer_key_id), str
-            ):
+            sig = obj.get("signatures", {}).get(me, {}).get(ssk.key_id)
+            if not isinstance(sig, str):
                 raise ItemFailure(
                     Codes.INVALID_SIGNATURE,
-                    f"No signature by your self-signing key {signer_key_id}",
+                    f"No signature by your self-signing key {ssk.key_id}",
                 )
             return [
                 _Check(
@@ -310,17 +358,17 @@ class SignatureHandler:
                     ssk.public_key,
                     PendingSignature(
                         me,
-                        signer_key_id,
+                        ssk.key_id,
                         me,
                         key_id,
-                        obj["signatures"][me][signer_key_id],
-                        Basis(me, SELF_SIGNING, ssk.public_key, ssk.key_json),
-                        Basis(me, "device", key_id, my_devices[key_id]),
+                        sig,
+                        ssk.basis,
+                        Basis(me, "device", key_id, device_json),
                     ),
                     recheck,
                 )
             ]
-        if master is None:
+        if own.master is None:
             raise ItemFailure(
                 Codes.NOT_FOUND,
                 f"Unknown device {key_id} (and no master key found for {me})",

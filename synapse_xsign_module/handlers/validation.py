@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from synapse_xsign_module.errors import bad_json
 
@@ -55,8 +55,23 @@ def require_str_map(value: Any, name: str) -> dict[str, str]:
     return obj
 
 
+def is_signatures(value: Any) -> TypeGuard[dict[str, dict[str, str]]]:
+    """Whether ``value`` is a signatures map (user -> key id -> string)."""
+    if not isinstance(value, dict):
+        return False
+    for sigs in value.values():
+        if not isinstance(sigs, dict):
+            return False
+        for sig in sigs.values():
+            if not isinstance(sig, str):
+                return False
+    return True
+
+
 def require_signatures(value: Any, name: str) -> dict[str, dict[str, str]]:
     """``value`` if it is a signatures map (user -> key id -> string)."""
+    if is_signatures(value):
+        return value
     obj = require_dict(value, name)
     for user, sigs in obj.items():
         require_str_map(sigs, f"{name}.{user}")
