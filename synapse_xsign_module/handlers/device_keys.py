@@ -16,6 +16,7 @@ from synapse_xsign_module.handlers.user_keys import (
     without_deleted_devices,
 )
 from synapse_xsign_module.handlers.validation import (
+    is_signatures,
     require_dict,
     require_signatures,
     require_str,
@@ -73,7 +74,7 @@ def _parse_key_map(value: Any, name: str) -> list[OneTimeKey]:
         if isinstance(key, dict):
             if not (
                 isinstance(key.get("key"), str)
-                and _is_signatures(key.get("signatures", _NO_SIGNATURES))
+                and is_signatures(key.get("signatures", _NO_SIGNATURES))
                 and isinstance(key.get("fallback", False), bool)
             ):
                 _explain_bad_key(key, f"{name}.{full_id}")
@@ -84,14 +85,6 @@ def _parse_key_map(value: Any, name: str) -> list[OneTimeKey]:
 
 
 _NO_SIGNATURES: dict[str, Any] = {}
-
-
-def _is_signatures(value: Any) -> bool:
-    """Whether ``value`` is a signatures map (user -> key id -> string)."""
-    return isinstance(value, dict) and all(
-        isinstance(sigs, dict) and all(isinstance(s, str) for s in sigs.values())
-        for sigs in value.values()
-    )
 
 
 def _explain_bad_key(key: dict[str, Any], name: str) -> NoReturn:
