@@ -72,6 +72,11 @@ class Host(Protocol):
         its own calls, so inside Synapse each request reads on its own.
         """
 
+    def requests_in_progress(self) -> int | None:
+        """How many HTTP requests this process is receiving or handling now,
+        this one included, if the host can tell (the embedded host counts
+        its own from the request line on); None if it cannot."""
+
     def register_resource(self, path: str, resource: Resource) -> None:
         """Serve ``resource`` at ``path`` (an exact, absolute path)."""
 

@@ -422,6 +422,30 @@ class SiteTest(unittest.TestCase):
         self.assertEqual(opened, [])
         self.assertEqual(self.buffered, [body])
 
+    def test_requests_in_progress_are_counted(self) -> None:
+        """A request counts from its request line until it is answered, or
+        until its connection is lost."""
+        site = self.make_site()
+        channel = site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 12345))
+        assert channel is not None
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 12345))
+        channel.makeConnection(transport)
+        self.assertEqual(site.in_progress, 0)
+        channel.dataReceived(b"POST / HTTP/1.1\r\n")
+        self.assertEqual(site.in_progress, 1)
+        channel.dataReceived(b"Host: x\r\nContent-Length: 8\r\n\r\n{}")
+        self.assertEqual(site.in_progress, 1)  # body still arriving
+        channel.dataReceived(b"      ")
+        self.assertEqual(self.status_and_body(transport.value()), (200, {"keys": []}))
+        self.assertEqual(site.in_progress, 0)
+        # Lost while its body arrives: no longer in progress.
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{"
+        )
+        self.assertEqual(site.in_progress, 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(site.in_progress, 0)
+
     def test_chunked_body_over_limit_is_flagged(self) -> None:
         """A chunked body growing past the limit is flagged; the excess is dropped."""
         chunk = b"x" * 80

@@ -728,6 +728,31 @@ class VerificationProcessesTest(SignatureTestBase):
         self.assertEqual(self.signature_rows(), 299)
         self.assertEqual(multiprocessing.active_children(), [])
 
+    async def test_upload_with_other_requests_arriving_goes_to_processes(
+        self,
+    ) -> None:
+        """An upload handled alone while the host still receives other requests
+        (their bodies not yet parsed) is not alone: processes check it."""
+        from synapse_xsign_module.hosts.embedded.site import XSignSite
+
+        alice, body = await self.signed_devices("alice", 300, {7})
+        site = XSignSite(self.host.root, 1_000_000, False, False)
+        self.host.site = site
+        site.in_progress = 3  # this upload and two still arriving
+        self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
+        self.assertEqual(len(multiprocessing.active_children()), 2)
+
+    async def test_upload_alone_in_the_site_is_checked_in_threads(self) -> None:
+        """The host's count includes the upload itself: one is alone."""
+        from synapse_xsign_module.hosts.embedded.site import XSignSite
+
+        alice, body = await self.signed_devices("alice", 300, {7})
+        site = XSignSite(self.host.root, 1_000_000, False, False)
+        self.host.site = site
+        site.in_progress = 1
+        self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
+        self.assertEqual(multiprocessing.active_children(), [])
+
 
 class ThreadsOnlyTest(VerificationProcessesTest):
     """``verification_processes: 0``: the same answers, and no process."""

@@ -482,11 +482,26 @@ class SignatureHandler:
             )
         ]
 
+    def _alone(self) -> bool:
+        """Whether this upload is all the work of this process now: then its
+        signatures are checked in threads here (nothing else wants the GIL),
+        else large batches go to the verification processes.
+
+        The host's count of requests in progress sees requests whose bodies
+        are still arriving: when several uploads arrive at once, the first one
+        parsed is not the only one. Without that count, uploads being handled
+        are counted.
+        """
+        in_progress = self._host.requests_in_progress()
+        if in_progress is None:
+            in_progress = self._in_flight
+        return in_progress <= 1
+
     async def _verify(self, checks: list[_Check]) -> set[tuple[str, str]]:
         """The items with at least one invalid signature (checked off the
         reactor, see :class:`SignatureVerifier`)."""
         bad = await self._verifier.invalid(
             [(c.message, c.pending.signature, c.public_key) for c in checks],
-            alone=self._in_flight <= 1,
+            alone=self._alone(),
         )
         return {checks[i].item for i in bad}

@@ -54,6 +54,10 @@ class SynapseHost:
         """No: every database call runs in its request's log context."""
         return False
 
+    def requests_in_progress(self) -> int | None:
+        """Not known: Synapse serves its other endpoints on the same reactor."""
+        return None
+
     def register_resource(self, path: str, resource: Resource) -> None:
         """Register through ``ModuleApi.register_web_resource``."""
         if isinstance(resource, JsonResource):

@@ -85,6 +85,7 @@ def cmd_run(config: XSignConfig, listen_fd: int | None = None, workers: int = 1)
     site = XSignSite(
         host.root, config.max_request_body_size, emb.x_forwarded, emb.access_log
     )
+    host.site = site
     if listen_fd is not None:
         probe = socket.socket(fileno=os.dup(listen_fd))  # detects the family
         family = probe.family

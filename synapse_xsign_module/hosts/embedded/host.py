@@ -16,6 +16,7 @@ from synapse_xsign_module.errors import Codes, MatrixError
 from synapse_xsign_module.host import HostDevices, Requester
 from synapse_xsign_module.hosts.embedded.accounts import AccountStore
 from synapse_xsign_module.hosts.embedded.host_auth import get_access_token
+from synapse_xsign_module.hosts.embedded.site import XSignSite
 from synapse_xsign_module.hosts.embedded.token_cache import TokenCache
 from synapse_xsign_module.hosts.embedded.uia import UIASessions
 from synapse_xsign_module.http.base import JsonDict, UnrecognizedResource, put_resource
@@ -67,6 +68,8 @@ class EmbeddedHost:
             config.embedded.server_name,
         )
         self.changed_users: list[str] = []
+        #: The web site serving this host, once it serves (see ``cli``).
+        self.site: XSignSite | None = None
 
     @property
     def shares_reads(self) -> bool:
@@ -77,6 +80,10 @@ class EmbeddedHost:
     def server_name(self) -> str:
         """The server name of local users."""
         return self._config.embedded.server_name
+
+    def requests_in_progress(self) -> int | None:
+        """The site's requests in progress; None until a site serves."""
+        return self.site.in_progress if self.site is not None else None
 
     def mount(self) -> None:
         """Mount the module's endpoints and the host's own, in that order."""

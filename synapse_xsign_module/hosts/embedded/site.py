@@ -35,6 +35,9 @@ class XSignRequest(Request):
         self.xsign_body_too_large = False
         self._body_seen = 0
         self._start = time.monotonic()
+        site = getattr(channel, "site", None)
+        if isinstance(site, XSignSite):
+            site.request_started(self)
 
     def gotLength(self, length: int | None) -> None:
         """Flag a declared length over the limit before any body arrives, and
@@ -90,6 +93,18 @@ class XSignSite(Site):
         self._x_forwarded = x_forwarded
         self._access_log = access_log
         self.noisy = False
+        #: Requests received from their request line on, not yet answered
+        #: (or whose connection is not yet lost).
+        self.in_progress = 0
+
+    def request_started(self, request: Request) -> None:
+        """Count a request in progress until it is finished or its connection
+        is lost."""
+        self.in_progress += 1
+        request.notifyFinish().addBoth(self._request_ended)
+
+    def _request_ended(self, _: object) -> None:
+        self.in_progress -= 1
 
     def log(self, request: Any) -> None:
         """Write the access-log line (tokens in the query string are masked)."""
