@@ -772,6 +772,19 @@ class ThreadsOnlyTest(VerificationProcessesTest):
         self.assertEqual(self.signature_rows(), 498)
         self.assertEqual(multiprocessing.active_children(), [])
 
+    async def test_upload_with_other_requests_arriving_goes_to_processes(
+        self,
+    ) -> None:
+        """Without processes, an upload that is not alone stays in threads."""
+        from synapse_xsign_module.hosts.embedded.site import XSignSite
+
+        alice, body = await self.signed_devices("alice", 300, {7})
+        site = XSignSite(self.host.root, 1_000_000, False, False)
+        self.host.site = site
+        site.in_progress = 3
+        self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
+        self.assertEqual(multiprocessing.active_children(), [])
+
 
 class KeyChangedDuringUploadTest(SignatureTestBase):
     """A key that changes between the verification and the store is reported,
