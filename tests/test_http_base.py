@@ -313,6 +313,18 @@ class SiteTest(unittest.TestCase):
         site.reactor = Clock()  # channel timeouts on a fake clock
         return site
 
+    def count_temp_files(self) -> list[int]:
+        """A list that grows by one for every temporary file opened."""
+        opened: list[int] = []
+        real = tempfile.TemporaryFile
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            opened.append(1)
+            return real(*args, **kwargs)
+
+        self.patch(tempfile, "TemporaryFile", counting)
+        return opened
+
     def send(self, site: XSignSite, data: bytes) -> bytes:
         """Feed raw bytes to a new connection; returns what the server wrote."""
         channel = site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 12345))
@@ -382,14 +394,7 @@ class SiteTest(unittest.TestCase):
 
     def test_huge_declared_length_opens_no_temp_file(self) -> None:
         """A declared length over the limit gets an in-memory buffer, not a temp file."""
-        opened: list[int] = []
-        real = tempfile.TemporaryFile
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            opened.append(1)
-            return real(*args, **kwargs)
-
-        self.patch(tempfile, "TemporaryFile", counting)
+        opened = self.count_temp_files()
         out = self.send(
             self.make_site(),
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
@@ -402,14 +407,7 @@ class SiteTest(unittest.TestCase):
     def test_large_body_within_limit_is_kept_in_memory(self) -> None:
         """A body of 100 kB or more within the limit is parsed from memory:
         Twisted alone would write it to a temp file and read it back."""
-        opened: list[int] = []
-        real = tempfile.TemporaryFile
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            opened.append(1)
-            return real(*args, **kwargs)
-
-        self.patch(tempfile, "TemporaryFile", counting)
+        opened = self.count_temp_files()
         site = XSignSite(self.resource, 1_000_000, False, False)
         site.reactor = Clock()
         body = b'{"a": "' + b"x" * 200_000 + b'", "b": 1}'

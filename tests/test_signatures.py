@@ -704,6 +704,14 @@ class VerificationProcessesTest(SignatureTestBase):
                 body[device_id] = signed
         return user, {user.user_id: body}
 
+    def serve_with_requests_in_progress(self, n: int) -> None:
+        """Give the host a site that counts ``n`` requests in progress."""
+        from synapse_xsign_module.hosts.embedded.site import XSignSite
+
+        site = XSignSite(self.host.root, 1_000_000, False, False)
+        site.in_progress = n
+        self.host.site = site
+
     def expected(self, user: TestUser, bad: set[int]) -> dict[str, Any]:
         invalid = {"errcode": "M_INVALID_SIGNATURE", "error": "Invalid signature"}
         return {user.user_id: {f"D{i:04d}": invalid for i in bad}} if bad else {}
@@ -733,23 +741,15 @@ class VerificationProcessesTest(SignatureTestBase):
     ) -> None:
         """An upload handled alone while the host still receives other requests
         (their bodies not yet parsed) is not alone: processes check it."""
-        from synapse_xsign_module.hosts.embedded.site import XSignSite
-
         alice, body = await self.signed_devices("alice", 300, {7})
-        site = XSignSite(self.host.root, 1_000_000, False, False)
-        self.host.site = site
-        site.in_progress = 3  # this upload and two still arriving
+        self.serve_with_requests_in_progress(3)  # this upload and two still arriving
         self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
         self.assertEqual(len(multiprocessing.active_children()), 2)
 
     async def test_upload_alone_in_the_site_is_checked_in_threads(self) -> None:
         """The host's count includes the upload itself: one is alone."""
-        from synapse_xsign_module.hosts.embedded.site import XSignSite
-
         alice, body = await self.signed_devices("alice", 300, {7})
-        site = XSignSite(self.host.root, 1_000_000, False, False)
-        self.host.site = site
-        site.in_progress = 1
+        self.serve_with_requests_in_progress(1)
         self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
         self.assertEqual(multiprocessing.active_children(), [])
 
@@ -776,12 +776,8 @@ class ThreadsOnlyTest(VerificationProcessesTest):
         self,
     ) -> None:
         """Without processes, an upload that is not alone stays in threads."""
-        from synapse_xsign_module.hosts.embedded.site import XSignSite
-
         alice, body = await self.signed_devices("alice", 300, {7})
-        site = XSignSite(self.host.root, 1_000_000, False, False)
-        self.host.site = site
-        site.in_progress = 3
+        self.serve_with_requests_in_progress(3)
         self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
         self.assertEqual(multiprocessing.active_children(), [])
 
