@@ -5,12 +5,12 @@ Python around it (decoding the signature, calling into libsodium) needs the
 GIL between two checks. In a busy process the reactor thread and the database
 threads hold the GIL much of the time, and a verifying thread waits for it
 after every signature. Worker processes (``verification_processes``) each
-have a GIL of their own: while other uploads are being handled, large batches
+have a GIL of their own: while other requests are in progress, large batches
 are cut into slices and checked there, and this process goes on parsing and
-storing the other requests. A batch of an upload handled alone, a small batch,
-and every batch when no processes are configured, are checked by threads of
-this process: then nothing else wants the GIL, and the round trip to another
-process would only add latency.
+storing the other requests. A batch of an upload that is the only request in
+progress, a small batch, and every batch when no processes are configured, are
+checked by threads of this process: then nothing else wants the GIL, and the
+round trip to another process would only add latency.
 """
 
 from __future__ import annotations
@@ -147,9 +147,9 @@ class SignatureVerifier:
 
         Args:
             items: the signatures.
-            alone: no other signature upload is being handled (the caller's
-                measure of whether other work wants the GIL): the batch is
-                checked in threads even if it is large.
+            alone: no other request is in progress (the caller's measure of
+                whether other work wants the GIL): the batch is checked in
+                threads even if it is large.
 
         Returns:
             The indexes of the items whose signature does not verify, in order.
