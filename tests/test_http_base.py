@@ -420,6 +420,34 @@ class SiteTest(unittest.TestCase):
         self.assertEqual(opened, [])
         self.assertEqual(self.buffered, [body])
 
+    def test_bodies_past_a_megabyte_move_to_a_file(self) -> None:
+        """A body declared over 1 MiB, or chunked past 1 MiB, within the limit,
+        is buffered in a file once past 1 MiB (not all in memory), and read
+        back whole."""
+        from synapse_xsign_module.hosts.embedded.site import MEMORY_BODY
+
+        opened = self.count_temp_files()
+        site = XSignSite(self.resource, 4 * MEMORY_BODY, False, False)
+        site.reactor = Clock()
+        body = b'{"a": "' + b"x" * (2 * MEMORY_BODY) + b'", "b": 1}'
+        out = self.send(
+            site,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body),
+        )
+        self.assertEqual(self.status_and_body(out), (200, {"keys": ["a", "b"]}))
+        self.assertEqual(opened, [1])
+        self.assertEqual(self.buffered, [body])
+        small = b'{"c": 1}'
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)
+        out = self.send(
+            site,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked,
+        )
+        self.assertEqual(self.status_and_body(out), (200, {"keys": ["c"]}))
+        self.assertEqual(opened, [1])  # a small chunked body stays in memory
+
     def test_requests_in_progress_are_counted(self) -> None:
         """A request counts from its request line until it is answered, or
         until its connection is lost."""

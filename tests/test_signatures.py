@@ -704,6 +704,14 @@ class VerificationProcessesTest(SignatureTestBase):
                 body[device_id] = signed
         return user, {user.user_id: body}
 
+    def assert_checked_in_processes(self) -> None:
+        """The configured verification processes are running (with none
+        configured, none are: the batch was checked in threads)."""
+        self.assertEqual(
+            len(multiprocessing.active_children()),
+            self.config_overrides["verification_processes"],
+        )
+
     def serve_with_requests_in_progress(self, n: int) -> None:
         """Give the host a site that counts ``n`` requests in progress."""
         from synapse_xsign_module.hosts.embedded.site import XSignSite
@@ -744,7 +752,22 @@ class VerificationProcessesTest(SignatureTestBase):
         alice, body = await self.signed_devices("alice", 300, {7})
         self.serve_with_requests_in_progress(3)  # this upload and two still arriving
         self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
-        self.assertEqual(len(multiprocessing.active_children()), 2)
+        self.assert_checked_in_processes()
+
+    async def test_uploads_handled_together_are_not_alone(self) -> None:
+        """Two uploads being handled are not alone even where the host counts
+        one request in progress (the other's client may have gone)."""
+        self.serve_with_requests_in_progress(1)
+        alice, alice_body = await self.signed_devices("alice", 300, set())
+        bob, bob_body = await self.signed_devices("bob", 200, set())
+        got = await defer.gatherResults(
+            [
+                defer.ensureDeferred(self.sign_upload(alice, alice_body)),
+                defer.ensureDeferred(self.sign_upload(bob, bob_body)),
+            ]
+        )
+        self.assertEqual(got, [{}, {}])
+        self.assert_checked_in_processes()
 
     async def test_upload_alone_in_the_site_is_checked_in_threads(self) -> None:
         """The host's count includes the upload itself: one is alone."""
@@ -770,15 +793,6 @@ class ThreadsOnlyTest(VerificationProcessesTest):
         )
         self.assertEqual(got, [self.expected(alice, {0, 299}), {}])
         self.assertEqual(self.signature_rows(), 498)
-        self.assertEqual(multiprocessing.active_children(), [])
-
-    async def test_upload_with_other_requests_arriving_goes_to_processes(
-        self,
-    ) -> None:
-        """Without processes, an upload that is not alone stays in threads."""
-        alice, body = await self.signed_devices("alice", 300, {7})
-        self.serve_with_requests_in_progress(3)
-        self.assertEqual(await self.sign_upload(alice, body), self.expected(alice, {7}))
         self.assertEqual(multiprocessing.active_children(), [])
 
 

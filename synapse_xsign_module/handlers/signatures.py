@@ -487,15 +487,13 @@ class SignatureHandler:
         signatures are checked in threads here (nothing else wants the GIL),
         else large batches go to the verification processes.
 
-        The host's count of requests in progress sees requests whose bodies
-        are still arriving: when several uploads arrive at once, the first one
-        parsed is not the only one. Without that count, uploads being handled
-        are counted.
+        Both counts must say so. The host's count of requests in progress sees
+        requests whose bodies are still arriving (when several uploads arrive
+        at once, the first one parsed is not the only one); the handler's own
+        count sees uploads still being handled after their client has gone.
         """
         in_progress = self._host.requests_in_progress()
-        if in_progress is None:
-            in_progress = self._in_flight
-        return in_progress <= 1
+        return self._in_flight <= 1 and (in_progress is None or in_progress <= 1)
 
     async def _verify(self, checks: list[_Check]) -> set[tuple[str, str]]:
         """The items with at least one invalid signature (checked off the

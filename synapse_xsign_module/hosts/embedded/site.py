@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from io import BytesIO
 from typing import Any
@@ -15,6 +16,10 @@ from synapse_xsign_module.http.base import safe_uri
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("synapse_xsign_module.access")
+
+#: Request bodies up to this size are buffered in memory, larger ones in a
+#: temporary file.
+MEMORY_BODY = 1024 * 1024
 
 
 class XSignRequest(Request):
@@ -41,17 +46,22 @@ class XSignRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         """Flag a declared length over the limit before any body arrives, and
-        buffer the body in memory.
+        choose where the body is buffered.
 
         Twisted writes a body of 100 kB or more (or of unknown length) to a
-        temporary file, then it is read back whole to be parsed. The limit
-        already bounds what is kept, so memory it is: a 500-device signature
-        upload (300 kB) no longer makes a file, writes it chunk by chunk and
-        reads it back.
+        temporary file, then it is read back whole to be parsed. A body
+        declared at up to :data:`MEMORY_BODY` is kept in memory instead (a
+        500-device signature upload is 300 kB); a longer or chunked one moves
+        to a file once past that size, so slow senders of large bodies do not
+        hold many megabytes of memory each.
         """
         if length is not None and length > self.max_body:
             self.xsign_body_too_large = True
-        self.content = BytesIO()
+            self.content = BytesIO()  # stays empty: nothing is buffered
+        elif length is not None and length <= MEMORY_BODY:
+            self.content = BytesIO()
+        else:
+            self.content = tempfile.SpooledTemporaryFile(max_size=MEMORY_BODY)
 
     def handleContentChunk(self, data: bytes) -> None:
         """Buffer body data only while under the limit."""
