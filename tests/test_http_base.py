@@ -306,10 +306,10 @@ class SiteTest(unittest.TestCase):
         self.access = capture_logs(self, "synapse_xsign_module.access")
 
     def make_site(
-        self, access_log: bool = False, x_forwarded: bool = False
+        self, access_log: bool = False, x_forwarded: bool = False, max_body: int = 100
     ) -> XSignSite:
-        """A site with a 100-byte body limit over the echo resource."""
-        site = XSignSite(self.resource, 100, x_forwarded, access_log)
+        """A site over the echo resource (a 100-byte body limit by default)."""
+        site = XSignSite(self.resource, max_body, x_forwarded, access_log)
         site.reactor = Clock()  # channel timeouts on a fake clock
         return site
 
@@ -408,8 +408,7 @@ class SiteTest(unittest.TestCase):
         """A body of 100 kB or more within the limit is parsed from memory:
         Twisted alone would write it to a temp file and read it back."""
         opened = self.count_temp_files()
-        site = XSignSite(self.resource, 1_000_000, False, False)
-        site.reactor = Clock()
+        site = self.make_site(max_body=1_000_000)
         body = b'{"a": "' + b"x" * 200_000 + b'", "b": 1}'
         out = self.send(
             site,
@@ -427,8 +426,7 @@ class SiteTest(unittest.TestCase):
         from synapse_xsign_module.hosts.embedded.site import MEMORY_BODY
 
         opened = self.count_temp_files()
-        site = XSignSite(self.resource, 4 * MEMORY_BODY, False, False)
-        site.reactor = Clock()
+        site = self.make_site(max_body=4 * MEMORY_BODY)
         body = b'{"a": "' + b"x" * (2 * MEMORY_BODY) + b'", "b": 1}'
         out = self.send(
             site,
