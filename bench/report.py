@@ -73,6 +73,12 @@ def cell_record(
             if elapsed and stats.server_cpu_s is not None
             else None
         ),
+        # The part of server_cpu_pct spent in signature verification processes.
+        "verifier_cpu_pct": (
+            100 * stats.verifier_cpu_s / elapsed
+            if elapsed and stats.verifier_cpu_s is not None
+            else None
+        ),
         "verified": False,
         "signatures_verified": 0,
         "verify_s": 0.0,
@@ -145,10 +151,36 @@ def table(cells: Sequence[JsonDict]) -> str:
     return "\n".join([line(columns), line(sep), *(line(r) for r in rows)])
 
 
+def cpu_split(cell: JsonDict, raw_one_core: float) -> JsonDict | None:
+    """Where a W4 cell's server CPU went: the verification processes' CPU per
+    signature (against the raw rate of one core) and the rest of the server's
+    per request.
+
+    Only for a server the bench started whose verification processes did
+    the checking (their CPU was measured apart). Signatures checked in the
+    server's own threads (an upload alone in the server) are not in the
+    processes' time: the figure per signature is then too low, never too high
+    for the processes' own work.
+
+    Returns:
+        None when the split is not known, else ``{"verifier_us_per_signature",
+        "raw_us_per_signature", "rest_ms_per_request"}``.
+    """
+    verifier, total = cell.get("verifier_cpu_pct"), cell.get("server_cpu_pct")
+    if not verifier or total is None or not cell["items_per_s"] or not raw_one_core:
+        return None
+    return {
+        "verifier_us_per_signature": verifier / 100 / cell["items_per_s"] * 1e6,
+        "raw_us_per_signature": 1e6 / raw_one_core,
+        "rest_ms_per_request": (total - verifier) / 100 / cell["req_per_s"] * 1e3,
+    }
+
+
 def signature_fractions(
     cells: Sequence[JsonDict], crypto: JsonDict | None
 ) -> list[str]:
-    """For W4: signatures verified per second against this machine's raw rate."""
+    """For W4: signatures verified per second against this machine's raw rate,
+    and where the server's CPU went (:func:`cpu_split`)."""
     if not crypto:
         return []
     out = []
@@ -170,6 +202,16 @@ def signature_fractions(
             f"ed25519 rate on {cores} cores ({nacl:,.0f}/s, nacl), "
             f"{sig_s / sj:.1%} of signedjson's ({sj:,.0f}/s)"
         )
+        split = cpu_split(c, crypto["nacl"]["1"])
+        if split is not None:
+            c["signature_fraction"]["cpu_split"] = split
+            out.append(
+                f"  CPU: the verification processes "
+                f"{split['verifier_us_per_signature']:.1f} us per signature "
+                f"(raw, one core: {split['raw_us_per_signature']:.1f} us), "
+                f"the rest of the server {split['rest_ms_per_request']:.1f} ms "
+                "per request"
+            )
     return out
 
 

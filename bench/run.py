@@ -421,6 +421,11 @@ class Run:
                     if record["server_cpu_pct"] is not None
                     else ""
                 )
+                + (
+                    f"(verification processes {record['verifier_cpu_pct']:.0f}%) "
+                    if record["verifier_cpu_pct"]
+                    else ""
+                )
                 + f"bench {record['bench_cpu_pct']:.0f}%; "
                 + (
                     f"verified {record['signatures_verified']:,} signatures in {record['verify_s']:.1f} s"

@@ -94,6 +94,8 @@ class CellStats:
     elapsed: float = 0.0
     client_cpu_s: float = 0.0
     server_cpu_s: float | None = None
+    #: The part of ``server_cpu_s`` spent in signature verification processes.
+    verifier_cpu_s: float | None = None
     segments: int = 0
     prepare_s: float = 0.0
     latencies: list[float] = attr.Factory(list)
@@ -178,13 +180,39 @@ def _own_cpu_and_parent(pid: int) -> tuple[float, int] | None:
         return None
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) of a process and its live descendants (Linux
-    ``/proc``).
+#: In the command line of every process that multiprocessing starts with
+#: "spawn": the server's signature verification processes.
+SPAWNED_MARK = b"multiprocessing.spawn"
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class TreeCpu:
+    """CPU seconds (user + system) of a process and its live descendants.
+
+    Attributes:
+        total: all of them.
+        spawned: the descendants multiprocessing spawned (the server's
+            signature verification processes), part of ``total``.
+    """
+
+    total: float
+    spawned: float
+
+
+def _is_spawned(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return SPAWNED_MARK in f.read()
+    except OSError:
+        return False
+
+
+def process_tree_cpu(pid: int) -> TreeCpu | None:
+    """CPU time of a process and its live descendants (Linux ``/proc``).
 
     The descendants count: the workers of ``run --workers N``, whose
     supervisor does no work itself, and their signature verification
-    processes. None when ``/proc`` cannot tell.
+    processes, which are also counted apart. None when ``/proc`` cannot tell.
     """
     own = _own_cpu_and_parent(pid)
     if own is None:
@@ -192,20 +220,22 @@ def process_cpu_seconds(pid: int) -> float | None:
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return own[0]
+        return TreeCpu(own[0], 0.0)
     children: dict[int, list[tuple[int, float]]] = {}
     for entry in entries:
         if entry.isdigit() and int(entry) != pid:
             other = _own_cpu_and_parent(int(entry))
             if other is not None:
                 children.setdefault(other[1], []).append((int(entry), other[0]))
-    total = own[0]
+    total, spawned = own[0], 0.0
     parents = [pid]
     while parents:
         for child, cpu in children.get(parents.pop(), []):
             total += cpu
+            if _is_spawned(child):
+                spawned += cpu
             parents.append(child)
-    return total
+    return TreeCpu(total, spawned)
 
 
 @contextlib.contextmanager
@@ -270,15 +300,21 @@ async def run_cell(
             deadline = time.perf_counter() + max(0.0, duration - stats.elapsed)
         with _no_cyclic_gc():
             cpu = time.process_time()
-            server_cpu = process_cpu_seconds(server_pid) if server_pid else None
+            server_cpu = process_tree_cpu(server_pid) if server_pid else None
             stats.elapsed += await _segment(
                 client, source, concurrency, stats, deadline, requests
             )
             stats.client_cpu_s += time.process_time() - cpu
         if server_cpu is not None and server_pid:
-            after = process_cpu_seconds(server_pid)
+            after = process_tree_cpu(server_pid)
             if after is not None:
-                stats.server_cpu_s = (stats.server_cpu_s or 0.0) + after - server_cpu
+                stats.server_cpu_s = (
+                    (stats.server_cpu_s or 0.0) + after.total - server_cpu.total
+                )
+                # A verification process that died meanwhile takes its time away.
+                stats.verifier_cpu_s = (stats.verifier_cpu_s or 0.0) + max(
+                    0.0, after.spawned - server_cpu.spawned
+                )
         stats.segments += 1
         if requests is not None:
             if stats.sent >= requests or not feed.consumable:
