@@ -79,6 +79,9 @@ def cell_record(
             if elapsed and stats.verifier_cpu_s is not None
             else None
         ),
+        # False: a server process ended while the cell was timed, and both
+        # figures miss what it used then.
+        "cpu_complete": stats.cpu_complete,
         "verified": False,
         "signatures_verified": 0,
         "verify_s": 0.0,
@@ -157,17 +160,29 @@ def cpu_split(cell: JsonDict, raw_one_core: float) -> JsonDict | None:
     per request.
 
     Only for a server the bench started whose verification processes did
-    the checking (their CPU was measured apart). Signatures checked in the
-    server's own threads (an upload alone in the server) are not in the
-    processes' time: the figure per signature is then too low, never too high
-    for the processes' own work.
+    the checking (their CPU was measured apart), with no server process
+    ending during the cell. Signatures checked in the server's own threads
+    (an upload alone in its process) count as verified but not in the
+    processes' time: the figure per signature is then too low, and the rest
+    of the server too high.
+
+    Args:
+        cell: a cell record (:func:`cell_record`).
+        raw_one_core: the raw ed25519 verification rate of one core, per
+            second.
 
     Returns:
         None when the split is not known, else ``{"verifier_us_per_signature",
         "raw_us_per_signature", "rest_ms_per_request"}``.
     """
     verifier, total = cell.get("verifier_cpu_pct"), cell.get("server_cpu_pct")
-    if not verifier or total is None or not cell["items_per_s"] or not raw_one_core:
+    if (
+        not verifier
+        or total is None
+        or not cell.get("cpu_complete", True)
+        or not cell["items_per_s"]
+        or not raw_one_core
+    ):
         return None
     return {
         "verifier_us_per_signature": verifier / 100 / cell["items_per_s"] * 1e6,
@@ -180,16 +195,26 @@ def signature_fractions(
     cells: Sequence[JsonDict], crypto: JsonDict | None
 ) -> list[str]:
     """For W4: signatures verified per second against this machine's raw rate,
-    and where the server's CPU went (:func:`cpu_split`)."""
-    if not crypto:
-        return []
+    and where the server's CPU went (:func:`cpu_split`).
+
+    Args:
+        cells: cell records; one that holds a ``crypto`` of its own (cells of
+            several result files, see :func:`merge`) is compared with that
+            run's raw rate.
+        crypto: the raw rate (:func:`bench.crypto_rate.measure`) of the run,
+            for the cells without one of their own.
+
+    Returns:
+        The lines to print; each W4 cell also gets a ``signature_fraction``.
+    """
     out = []
-    nacl = crypto["nacl"]["all"]
-    sj = crypto["signedjson"]["all"]
-    cores = crypto["processes"]
     for c in cells:
-        if c["workload"] != "W4" or not c["req_per_s"]:
+        run_crypto = c.get("crypto") or crypto
+        if c["workload"] != "W4" or not c["req_per_s"] or not run_crypto:
             continue
+        nacl = run_crypto["nacl"]["all"]
+        sj = run_crypto["signedjson"]["all"]
+        cores = run_crypto["processes"]
         sig_s = c["items_per_s"]
         c["signature_fraction"] = {
             "cores": cores,
@@ -202,7 +227,7 @@ def signature_fractions(
             f"ed25519 rate on {cores} cores ({nacl:,.0f}/s, nacl), "
             f"{sig_s / sj:.1%} of signedjson's ({sj:,.0f}/s)"
         )
-        split = cpu_split(c, crypto["nacl"]["1"])
+        split = cpu_split(c, run_crypto["nacl"]["1"])
         if split is not None:
             c["signature_fraction"]["cpu_split"] = split
             out.append(
@@ -260,7 +285,8 @@ def write_json(path: str, data: JsonDict) -> None:
 
 
 def merge(paths: Sequence[str]) -> JsonDict:
-    """Several runs' JSON as one (targets renamed ``file:target`` on clashes)."""
+    """Several runs' JSON as one (targets renamed ``file:target`` on clashes;
+    each cell keeps its own run's raw ed25519 rate as ``crypto``)."""
     cells: list[JsonDict] = []
     crypto = None
     seen: set[str] = set()
@@ -277,5 +303,8 @@ def merge(paths: Sequence[str]) -> JsonDict:
             rename[name] = new
             seen.add(new)
         for c in data.get("cells", []):
-            cells.append({**c, "target": rename[c["target"]]})
+            # Each cell keeps its own run's raw rate (signature_fractions).
+            cells.append(
+                {**c, "target": rename[c["target"]], "crypto": data.get("crypto")}
+            )
     return {"cells": cells, "crypto": crypto}

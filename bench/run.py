@@ -426,6 +426,11 @@ class Run:
                     if record["verifier_cpu_pct"]
                     else ""
                 )
+                + (
+                    "(a server process ended: incomplete) "
+                    if not stats.cpu_complete
+                    else ""
+                )
                 + f"bench {record['bench_cpu_pct']:.0f}%; "
                 + (
                     f"verified {record['signatures_verified']:,} signatures in {record['verify_s']:.1f} s"

@@ -96,6 +96,9 @@ class CellStats:
     server_cpu_s: float | None = None
     #: The part of ``server_cpu_s`` spent in signature verification processes.
     verifier_cpu_s: float | None = None
+    #: False when a server process ended during a timed segment: the CPU
+    #: figures then miss what it used in that segment.
+    cpu_complete: bool = True
     segments: int = 0
     prepare_s: float = 0.0
     latencies: list[float] = attr.Factory(list)
@@ -170,33 +173,56 @@ class Feed:
         return max(8 * concurrency, 50)
 
 
-def _own_cpu_and_parent(pid: int) -> tuple[float, int] | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rpartition(")")[2].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return cpu, int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 #: In the command line of every process that multiprocessing starts with
 #: "spawn": the server's signature verification processes.
 SPAWNED_MARK = b"multiprocessing.spawn"
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
-class TreeCpu:
-    """CPU seconds (user + system) of a process and its live descendants.
+class ProcessCpu:
+    """One process of a tree, at one moment.
 
     Attributes:
-        total: all of them.
-        spawned: the descendants multiprocessing spawned (the server's
-            signature verification processes), part of ``total``.
+        cpu: CPU seconds (user + system) it has used so far.
+        spawned: multiprocessing started it with "spawn" (a signature
+            verification process of the server).
+    """
+
+    cpu: float
+    spawned: bool
+
+
+#: A process tree at one moment: (pid, start time in clock ticks) -> its CPU.
+#: The start time tells a process from a later one that reuses its pid.
+TreeSnapshot = dict[tuple[int, int], ProcessCpu]
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class TreeCpu:
+    """CPU seconds a process tree used between two snapshots.
+
+    Attributes:
+        total: all of its processes.
+        spawned: the part of ``total`` used by spawned processes (the
+            server's signature verification processes).
+        complete: False when a process of the first snapshot was gone by the
+            second: what it used in between is missing from both figures.
     """
 
     total: float
     spawned: float
+    complete: bool
+
+
+def _stat(pid: int) -> tuple[float, int, int] | None:
+    """A process's CPU seconds, parent pid and start time (``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu, int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _is_spawned(pid: int) -> bool:
@@ -207,35 +233,67 @@ def _is_spawned(pid: int) -> bool:
         return False
 
 
-def process_tree_cpu(pid: int) -> TreeCpu | None:
-    """CPU time of a process and its live descendants (Linux ``/proc``).
+def tree_snapshot(pid: int, known: TreeSnapshot | None = None) -> TreeSnapshot | None:
+    """The CPU time of a process and of each of its live descendants (Linux
+    ``/proc``).
 
     The descendants count: the workers of ``run --workers N``, whose
     supervisor does no work itself, and their signature verification
-    processes, which are also counted apart. None when ``/proc`` cannot tell.
+    processes, which are marked.
+
+    Args:
+        pid: the root process (the server the bench started).
+        known: an earlier snapshot of the tree. A process already in it keeps
+            its mark: one that has exited but is not reaped yet has no command
+            line left to read.
+
+    Returns:
+        The snapshot, or None when ``/proc`` cannot tell.
     """
-    own = _own_cpu_and_parent(pid)
-    if own is None:
+    root = _stat(pid)
+    if root is None:
         return None
+    snapshot: TreeSnapshot = {(pid, root[2]): ProcessCpu(root[0], False)}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return TreeCpu(own[0], 0.0)
-    children: dict[int, list[tuple[int, float]]] = {}
+        return snapshot
+    children: dict[int, list[tuple[int, float, int]]] = {}
     for entry in entries:
         if entry.isdigit() and int(entry) != pid:
-            other = _own_cpu_and_parent(int(entry))
+            other = _stat(int(entry))
             if other is not None:
-                children.setdefault(other[1], []).append((int(entry), other[0]))
-    total, spawned = own[0], 0.0
+                children.setdefault(other[1], []).append(
+                    (int(entry), other[0], other[2])
+                )
     parents = [pid]
     while parents:
-        for child, cpu in children.get(parents.pop(), []):
-            total += cpu
-            if _is_spawned(child):
-                spawned += cpu
+        for child, cpu, started in children.get(parents.pop(), []):
+            key = (child, started)
+            mark = known[key].spawned if known and key in known else None
+            if mark is None:
+                mark = _is_spawned(child)
+            snapshot[key] = ProcessCpu(cpu, mark)
             parents.append(child)
-    return TreeCpu(total, spawned)
+    return snapshot
+
+
+def cpu_between(before: TreeSnapshot, after: TreeSnapshot) -> TreeCpu:
+    """What a tree used between two snapshots of it.
+
+    A process in both counts what it added; one started in between counts
+    all it used. A process gone by the second snapshot takes what it used
+    in between with it: the result is then marked incomplete, rather than
+    losing its whole lifetime's CPU from the total.
+    """
+    total = spawned = 0.0
+    for key, proc in after.items():
+        earlier = before.get(key)
+        used = proc.cpu - (earlier.cpu if earlier is not None else 0.0)
+        total += used
+        if proc.spawned:
+            spawned += used
+    return TreeCpu(total, spawned, before.keys() <= after.keys())
 
 
 @contextlib.contextmanager
@@ -300,21 +358,18 @@ async def run_cell(
             deadline = time.perf_counter() + max(0.0, duration - stats.elapsed)
         with _no_cyclic_gc():
             cpu = time.process_time()
-            server_cpu = process_tree_cpu(server_pid) if server_pid else None
+            server_cpu = tree_snapshot(server_pid) if server_pid else None
             stats.elapsed += await _segment(
                 client, source, concurrency, stats, deadline, requests
             )
             stats.client_cpu_s += time.process_time() - cpu
         if server_cpu is not None and server_pid:
-            after = process_tree_cpu(server_pid)
+            after = tree_snapshot(server_pid, server_cpu)
             if after is not None:
-                stats.server_cpu_s = (
-                    (stats.server_cpu_s or 0.0) + after.total - server_cpu.total
-                )
-                # A verification process that died meanwhile takes its time away.
-                stats.verifier_cpu_s = (stats.verifier_cpu_s or 0.0) + max(
-                    0.0, after.spawned - server_cpu.spawned
-                )
+                used = cpu_between(server_cpu, after)
+                stats.server_cpu_s = (stats.server_cpu_s or 0.0) + used.total
+                stats.verifier_cpu_s = (stats.verifier_cpu_s or 0.0) + used.spawned
+                stats.cpu_complete = stats.cpu_complete and used.complete
         stats.segments += 1
         if requests is not None:
             if stats.sent >= requests or not feed.consumable:

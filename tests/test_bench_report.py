@@ -2,83 +2,169 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import multiprocessing.connection
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from twisted.trial import unittest
 
-from bench.report import cpu_split, signature_fractions
-from bench.runner import TreeCpu, process_tree_cpu
+from bench.report import cpu_split, merge, signature_fractions
+from bench.runner import ProcessCpu, TreeSnapshot, cpu_between, tree_snapshot
 
-#: CPU seconds the spawned child burns before it sleeps; the plain child
-#: burns three times as much, more than the spawned one with its start-up.
-BURN = 0.5
-PLAIN_BURN = 3 * BURN
+#: CPU seconds each child burns.
+BURN = 0.3
 
-_PLAIN_CHILD = (
-    "import time\n"
-    f"end = time.process_time() + {PLAIN_BURN}\n"
-    "while time.process_time() < end:\n"
-    "    pass\n"
-    "time.sleep(120)\n"
-)
+# A plain child (not spawned by multiprocessing) that spawns a grandchild,
+# prints the grandchild's pid, burns BURN and waits to be killed.
+_PLAIN_CHILD = f"""
+import multiprocessing, sys, time
+sys.path[:0] = {[os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]!r}
+from tests.test_bench_report import burn_then_sleep
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(
+        target=burn_then_sleep, args=({BURN},), daemon=True
+    )
+    child.start()
+    print(child.pid, flush=True)
+    burn_then_sleep({BURN})
+"""
 
 
-def _burn_then_sleep(seconds: float) -> None:
-    """In a spawned process: use ``seconds`` of CPU, then wait to be killed."""
+def burn_then_sleep(seconds: float) -> None:
+    """Use ``seconds`` of CPU, then wait to be killed."""
     end = time.process_time() + seconds
     while time.process_time() < end:
         pass
     time.sleep(120)
 
 
-def _children_cpu(tree: TreeCpu) -> float:
-    with open(f"/proc/{os.getpid()}/stat", encoding="ascii") as f:
-        fields = f.read().rpartition(")")[2].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return tree.total - own
+def _exit_when_told(conn: multiprocessing.connection.Connection) -> None:
+    """In a spawned process: exit as soon as anything arrives on ``conn``."""
+    conn.recv()
 
 
-class ProcessTreeCpuTest(unittest.TestCase):
+def _pid_entry(snapshot: TreeSnapshot, pid: int) -> ProcessCpu | None:
+    return next((p for (q, _), p in snapshot.items() if q == pid), None)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+class TreeSnapshotTest(unittest.TestCase):
     def setUp(self) -> None:
         if not os.path.exists("/proc/self/stat"):
             raise unittest.SkipTest("needs Linux /proc")
 
-    def test_spawned_processes_are_counted_apart(self) -> None:
-        """A process started by multiprocessing's spawn counts as a
-        verification process; another child counts in the total only."""
+    def test_spawned_processes_are_marked(self) -> None:
+        """A process multiprocessing spawned is marked, at any depth (the
+        verification processes of a worker of ``run --workers``); a plain
+        child is not."""
         spawned = multiprocessing.get_context("spawn").Process(
-            target=_burn_then_sleep, args=(BURN,), daemon=True
+            target=burn_then_sleep, args=(BURN,), daemon=True
         )
         spawned.start()
         self.addCleanup(spawned.join, 10)
         self.addCleanup(spawned.kill)
-        plain = subprocess.Popen([sys.executable, "-c", _PLAIN_CHILD])
+        plain = subprocess.Popen(
+            [sys.executable, "-c", _PLAIN_CHILD], stdout=subprocess.PIPE
+        )
         self.addCleanup(plain.wait, 10)
         self.addCleanup(plain.kill)
+        assert plain.stdout is not None
+        grandchild = int(plain.stdout.readline())
+        self.addCleanup(self._kill, grandchild)
 
+        pids = (spawned.pid, plain.pid, grandchild)
         deadline = time.monotonic() + 30
-        tree = process_tree_cpu(os.getpid())
-        while tree is not None and time.monotonic() < deadline:
-            if (
-                tree.spawned >= BURN
-                and _children_cpu(tree) - tree.spawned >= PLAIN_BURN
-            ):
+        while True:
+            snapshot = tree_snapshot(os.getpid())
+            assert snapshot is not None
+            entries = [_pid_entry(snapshot, pid) for pid in pids]
+            burnt = all(e is not None and e.cpu >= BURN for e in entries)
+            if burnt or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-            tree = process_tree_cpu(os.getpid())
-        assert tree is not None
-        self.assertGreaterEqual(tree.spawned, BURN)
-        # The plain child's time is in the total, not in the spawned part.
-        self.assertLess(tree.spawned, PLAIN_BURN)
-        self.assertGreaterEqual(_children_cpu(tree) - tree.spawned, PLAIN_BURN)
+        marks = [e.spawned if e is not None else None for e in entries]
+        self.assertEqual(marks, [True, False, True])
+        self.assertTrue(burnt, entries)
+        root = _pid_entry(snapshot, os.getpid())
+        assert root is not None
+        self.assertFalse(root.spawned)
+
+    @staticmethod
+    def _kill(pid: int) -> None:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+    def test_an_exited_process_keeps_its_mark(self) -> None:
+        """A spawned process that has exited but is not reaped yet has no
+        command line: an earlier snapshot's mark is kept."""
+        ours, theirs = multiprocessing.Pipe()
+        child = multiprocessing.get_context("spawn").Process(
+            target=_exit_when_told, args=(theirs,), daemon=True
+        )
+        child.start()
+        self.addCleanup(child.join, 10)
+        before = tree_snapshot(os.getpid())
+        assert before is not None
+        entry = _pid_entry(before, child.pid or 0)
+        self.assertTrue(entry is not None and entry.spawned)
+
+        ours.send(b"exit")
+        assert child.pid is not None
+        deadline = time.monotonic() + 30
+        while _state(child.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(_state(child.pid), "Z")
+
+        without = tree_snapshot(os.getpid())
+        kept = tree_snapshot(os.getpid(), before)
+        assert without is not None and kept is not None
+        gone = _pid_entry(without, child.pid)
+        self.assertTrue(gone is not None and not gone.spawned)  # no command line
+        kept_entry = _pid_entry(kept, child.pid)
+        self.assertTrue(kept_entry is not None and kept_entry.spawned)
 
     def test_no_such_process(self) -> None:
-        self.assertIsNone(process_tree_cpu(2**22 + 1))  # above Linux's pid_max
+        self.assertIsNone(tree_snapshot(2**22 + 1))  # above Linux's pid_max
+
+
+class CpuBetweenTest(unittest.TestCase):
+    def test_between(self) -> None:
+        """What each process added; a new process all it used (a pid reused by
+        another process counts as new); a process gone makes it incomplete."""
+        before = {
+            (1, 10): ProcessCpu(1.0, False),
+            (2, 20): ProcessCpu(2.0, True),
+            (3, 30): ProcessCpu(5.0, True),
+        }
+        after = {
+            (1, 10): ProcessCpu(1.5, False),
+            (2, 20): ProcessCpu(2.75, True),
+            (4, 40): ProcessCpu(0.25, True),
+            (3, 31): ProcessCpu(0.125, False),
+        }
+        used = cpu_between(before, after)
+        self.assertAlmostEqual(used.total, 0.5 + 0.75 + 0.25 + 0.125)
+        self.assertAlmostEqual(used.spawned, 0.75 + 0.25)
+        self.assertFalse(used.complete)
+
+    def test_complete(self) -> None:
+        before = {(1, 10): ProcessCpu(1.0, False), (2, 20): ProcessCpu(2.0, True)}
+        after = {**before, (2, 20): ProcessCpu(3.0, True)}
+        used = cpu_between(before, after)
+        self.assertEqual((used.total, used.spawned, used.complete), (1.0, 1.0, True))
 
 
 def _w4_cell(**changes: Any) -> dict[str, Any]:
@@ -91,6 +177,7 @@ def _w4_cell(**changes: Any) -> dict[str, Any]:
         "items_per_s": 25000.0,
         "server_cpu_pct": 170.0,
         "verifier_cpu_pct": 113.0,
+        "cpu_complete": True,
     }
     cell.update(changes)
     return cell
@@ -114,18 +201,19 @@ class CpuSplitTest(unittest.TestCase):
         self.assertAlmostEqual(split["rest_ms_per_request"], 11.4)
 
     def test_no_split_without_the_processes_time(self) -> None:
-        """Checked in threads (0%), or a server the bench did not start, or a
-        result file from before the split was measured: no split."""
+        """Checked in threads (0%), a server the bench did not start, a server
+        process that ended during the cell, or a result file from before the
+        split was measured: no split."""
         self.assertIsNone(cpu_split(_w4_cell(verifier_cpu_pct=0.0), 20000.0))
         self.assertIsNone(cpu_split(_w4_cell(verifier_cpu_pct=None), 20000.0))
+        self.assertIsNone(cpu_split(_w4_cell(server_cpu_pct=None), 20000.0))
+        self.assertIsNone(cpu_split(_w4_cell(cpu_complete=False), 20000.0))
         old = _w4_cell()
-        del old["verifier_cpu_pct"]
+        del old["verifier_cpu_pct"], old["cpu_complete"]
         self.assertIsNone(cpu_split(old, 20000.0))
-        self.assertIsNone(
-            cpu_split(_w4_cell(server_cpu_pct=None, verifier_cpu_pct=None), 1.0)
-        )
 
     def test_fraction_lines(self) -> None:
+        """One line per W4 cell, and the CPU split under it when known."""
         cells = [_w4_cell(), _w4_cell(target="old", verifier_cpu_pct=None)]
         lines = signature_fractions(cells, CRYPTO)
         self.assertEqual(len(lines), 3)
@@ -136,3 +224,21 @@ class CpuSplitTest(unittest.TestCase):
         self.assertTrue(lines[2].startswith("old W4"))
         self.assertIn("cpu_split", cells[0]["signature_fraction"])
         self.assertNotIn("cpu_split", cells[1]["signature_fraction"])
+
+    def test_compared_files_keep_their_own_raw_rate(self) -> None:
+        """``--compare a.json b.json``: each file's cells are measured against
+        the raw rate of their own run, not the first file's."""
+        out = tempfile.mkdtemp(prefix="xsign-bench-report-")
+        self.addCleanup(shutil.rmtree, out, True)
+        slower = {**CRYPTO, "nacl": {"1": 10000.0, "all": 20000.0}}
+        paths = []
+        for name, crypto in (("a", CRYPTO), ("b", slower)):
+            path = os.path.join(out, f"{name}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"crypto": crypto, "cells": [_w4_cell(target=name)]}, f)
+            paths.append(path)
+        lines = signature_fractions(merge(paths)["cells"], None)
+        self.assertIn("62.5% of the raw ed25519 rate", lines[0])
+        self.assertIn("raw, one core: 50.0 us", lines[1])
+        self.assertIn("125.0% of the raw ed25519 rate", lines[2])
+        self.assertIn("raw, one core: 100.0 us", lines[3])
