@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.process
 import os
 import shutil
 import subprocess
@@ -46,8 +47,16 @@ def burn_then_sleep(seconds: float) -> None:
 
 
 def _exit_when_told(conn: multiprocessing.connection.Connection) -> None:
-    """In a spawned process: exit as soon as anything arrives on ``conn``."""
+    """In a spawned process: say so on ``conn``, then exit as soon as anything
+    arrives on it."""
+    conn.send(b"ready")
     conn.recv()
+
+
+def _stop(process: multiprocessing.process.BaseProcess) -> None:
+    """Kill a child process of a test (if still there) and reap it."""
+    process.kill()
+    process.join(10)
 
 
 def _pid_entry(snapshot: TreeSnapshot, pid: int) -> ProcessCpu | None:
@@ -72,8 +81,7 @@ class TreeSnapshotTest(unittest.TestCase):
             target=burn_then_sleep, args=(BURN,), daemon=True
         )
         spawned.start()
-        self.addCleanup(spawned.join, 10)
-        self.addCleanup(spawned.kill)
+        self.addCleanup(_stop, spawned)
         plain = subprocess.Popen(
             [sys.executable, "-c", _PLAIN_CHILD], stdout=subprocess.PIPE
         )
@@ -115,7 +123,11 @@ class TreeSnapshotTest(unittest.TestCase):
             target=_exit_when_told, args=(theirs,), daemon=True
         )
         child.start()
-        self.addCleanup(child.join, 10)
+        self.addCleanup(_stop, child)
+        # Once it has said so, it runs its own command line (after
+        # start() returns it may not have been executed yet).
+        self.assertTrue(ours.poll(30))
+        self.assertEqual(ours.recv(), b"ready")
         before = tree_snapshot(os.getpid())
         assert before is not None
         entry = _pid_entry(before, child.pid or 0)
