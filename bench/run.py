@@ -428,7 +428,7 @@ class Run:
                 )
                 + (
                     "(a server process ended: incomplete) "
-                    if not stats.cpu_complete
+                    if not record["cpu_complete"]
                     else ""
                 )
                 + f"bench {record['bench_cpu_pct']:.0f}%; "

@@ -270,9 +270,8 @@ def tree_snapshot(pid: int, known: TreeSnapshot | None = None) -> TreeSnapshot |
     while parents:
         for child, cpu, started in children.get(parents.pop(), []):
             key = (child, started)
-            mark = known[key].spawned if known and key in known else None
-            if mark is None:
-                mark = _is_spawned(child)
+            earlier = known.get(key) if known else None
+            mark = earlier.spawned if earlier is not None else _is_spawned(child)
             snapshot[key] = ProcessCpu(cpu, mark)
             parents.append(child)
     return snapshot
