@@ -16,8 +16,10 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    event,
     func,
     select,
+    text,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -31,6 +33,8 @@ from synapse_xsign_module.storage.schema import host_users
 from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
+    commit_with_pipeline,
+    commits_in_pipeline,
     insert_many,
     pipelined,
     upsert,
@@ -710,7 +714,8 @@ def _round_trips(trace: str) -> int:
 class RoundTripsTest(DatabaseTestCase):
     """On PostgreSQL a key-changing transaction sends its locks together with
     the read that follows them, and its writes together: BEGIN, locks + read,
-    writes (then COMMIT)."""
+    writes (with the COMMIT when the function is the transaction's own, see
+    CommitWithPipelineTest; not here, where it is called from another)."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -786,6 +791,178 @@ class RoundTripsTest(DatabaseTestCase):
             await self.trips(lambda c: store_signatures_txn(c, pending, 1, versions)),
             3,
         )
+
+
+class CommitWithPipelineTest(DatabaseTestCase):
+    """A transaction function marked ``commits_in_pipeline`` sends its COMMIT
+    with its last pipelined statements on PostgreSQL; elsewhere, or called
+    from another transaction function, it commits at the end as usual."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.commit_status: list[str] = []
+
+        def on_commit(conn: Connection) -> None:
+            # What the driver's transaction was when SQLAlchemy committed.
+            if self.is_postgres:
+                info = conn.connection.driver_connection.info  # type: ignore[union-attr]
+                self.commit_status.append(info.transaction_status.name)
+
+        event.listen(self.db.engine, "commit", on_commit)
+        self.addCleanup(event.remove, self.db.engine, "commit", on_commit)
+
+    def rows(self, *ids: str) -> list[dict[str, Any]]:
+        return [{"user_id": i, "created_ts": 1} for i in ids]
+
+    def require_pipeline(self) -> None:
+        from synapse_xsign_module.storage.util import _can_pipeline
+
+        if not self.is_postgres or not _can_pipeline(self.db.engine.dialect):
+            raise unittest.SkipTest("commits early only in psycopg's pipeline mode")
+
+    async def test_commit_goes_with_the_writes(self) -> None:
+        """The COMMIT is among the block's statements; the transaction's own
+        commit finds nothing left to do."""
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x", "@b:x"))
+                commit_with_pipeline(conn)
+
+        await self.db.run("early", txn)
+        self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
+        if self.is_postgres:
+            self.assertEqual(self.commit_status[0], "IDLE")
+
+    async def test_not_from_inside_another_function(self) -> None:
+        """Called from an unmarked transaction function, a marked one does not
+        commit: what the outer one does after it is in the same transaction,
+        and an error rolls both back."""
+
+        @commits_in_pipeline
+        def inner(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x"))
+                commit_with_pipeline(conn)
+
+        def outer(conn: Connection) -> None:
+            inner(conn)
+            add_user(conn, "@b:x")
+            raise ValueError("after both")
+
+        with self.assertRaises(ValueError):
+            await self.db.run("outer", outer)
+        self.assertEqual(await self.all_users(), [])
+
+        def outer_ok(conn: Connection) -> None:
+            inner(conn)
+            add_user(conn, "@b:x")
+
+        self.commit_status.clear()
+        await self.db.run("outer", outer_ok)
+        if self.is_postgres:
+            self.assertEqual(self.commit_status, ["INTRANS"])
+        self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
+
+    async def test_failed_statement_skips_the_commit(self) -> None:
+        """A unique violation in the block: the queued COMMIT does not run,
+        nothing stays, and the connection serves the next transaction."""
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, self.rows("@a:x"))
+                commit_with_pipeline(conn)
+
+        with self.assertRaises(IntegrityError):
+            await self.db.run("early", txn)
+        self.assertEqual(await self.all_users(), [])
+        await self.db.run("ok", lambda conn: add_user(conn, "@next:x"))
+        self.assertEqual(await self.all_users(), ["@next:x"])
+
+    async def test_statement_after_the_commit_is_refused(self) -> None:
+        """A statement run after the early COMMIT is a programming error:
+        raised, and what it did is rolled back."""
+        self.require_pipeline()
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x"))
+                commit_with_pipeline(conn)
+            add_user(conn, "@late:x")
+
+        with self.assertRaises(RuntimeError):
+            await self.db.run("early", txn)
+        self.assertEqual(await self.all_users(), ["@a:x"])
+
+    async def test_outside_a_pipeline_is_refused(self) -> None:
+        self.require_pipeline()
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            add_user(conn, "@a:x")
+            commit_with_pipeline(conn)
+
+        with self.assertRaises(RuntimeError):
+            await self.db.run("early", txn)
+        self.assertEqual(await self.all_users(), [])
+
+    async def test_key_changes_commit_with_their_writes(self) -> None:
+        """The three key-changing transactions end with their writes: on
+        PostgreSQL the transaction's own commit has nothing left to do."""
+        from synapse_xsign_module.storage.cross_signing import (
+            NewKey,
+            replace_keys_txn,
+        )
+        from synapse_xsign_module.storage.device_keys import OneTimeKey, upload_txn
+        from synapse_xsign_module.storage.signatures import (
+            Basis,
+            PendingSignature,
+            store_signatures_txn,
+        )
+        from synapse_xsign_module.storage.versions import get_versions_txn
+
+        dk = {"user_id": "@a:x", "device_id": "D", "algorithms": [], "keys": {}}
+        otks = [OneTimeKey("signed_curve25519", f"k{i}", '"x"') for i in range(5)]
+        expected: dict[str, str | None] = {
+            "master": None,
+            "self_signing": None,
+            "user_signing": None,
+        }
+        new = {"master": NewKey("pub", '{"k":1}')}
+        await self.db.run("upload", upload_txn, "@a:x", "D", dk, otks, [], 1)
+        await self.db.run("xsign", replace_keys_txn, "@a:x", expected, new, 1)
+        if self.is_postgres:
+            self.assertEqual(self.commit_status, ["IDLE", "IDLE"])
+        signer = Basis("@a:x", "self_signing", "ssk", "{}")
+        target = Basis("@a:x", "device", "D", "{}")
+        pending = [
+            PendingSignature("@a:x", "ed25519:ssk", "@a:x", "D", "sig", signer, target)
+        ]
+        # As read before the (here pretended) verification: unchanged since.
+        versions: dict[str, int | None] = dict(
+            await self.db.run_read("v", get_versions_txn, ["@a:x"])
+        )
+        self.commit_status.clear()
+        await self.db.run("sigs", store_signatures_txn, pending, 1, versions)
+        if self.is_postgres:
+            self.assertEqual(self.commit_status, ["IDLE"])
+
+        def stored(conn: Connection) -> tuple[int, ...]:
+            return tuple(
+                conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
+                for t in (
+                    "xsign_device_keys",
+                    "xsign_one_time_keys",
+                    "xsign_cross_signing_keys",
+                    "xsign_signatures",
+                )
+            )
+
+        self.assertEqual(await self.db.run_read("count", stored), (1, 5, 1, 1))
 
 
 class ConnectionReuseTest(DatabaseTestCase):

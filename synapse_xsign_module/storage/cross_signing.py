@@ -39,6 +39,8 @@ from synapse_xsign_module.storage.schema import (
 from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
+    commit_with_pipeline,
+    commits_in_pipeline,
     insert_many,
     lock_users,
     pipelined,
@@ -237,6 +239,7 @@ def _retire_txn(
     )
 
 
+@commits_in_pipeline
 def replace_keys_txn(
     conn: Connection,
     user_id: str,
@@ -316,6 +319,7 @@ def replace_keys_txn(
         ):
             # A new master closes the admin-granted replacement window.
             _delete_grant_txn(conn, user_id)
+        commit_with_pipeline(conn)  # nothing follows: the lock goes now
 
 
 def reset_txn(conn: Connection, user_id: str, now_ms: int) -> int:

@@ -31,6 +31,7 @@ from twisted.python.threadpool import ThreadPool
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.errors import ConfigError
 from synapse_xsign_module.metrics import DB_RETRIES, DB_TRANSACTIONS
+from synapse_xsign_module.storage.util import COMMITTED_EARLY, MAY_COMMIT_EARLY
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,38 @@ def _begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int) -> None:
         driver.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
 
 
+def _run_checked(
+    conn: Connection,
+    fn: Callable[Concatenate[Connection, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """``fn`` as its transaction's function. If it committed early
+    (:func:`commit_with_pipeline`), check that nothing ran after the COMMIT.
+
+    A statement run after it would have started a transaction of its own,
+    committed apart from the rest: a programming error, made loud here (what
+    ran after the COMMIT is rolled back).
+    """
+    conn.info[COMMITTED_EARLY] = False
+    conn.info[MAY_COMMIT_EARLY] = getattr(fn, "xsign_commits_in_pipeline", False)
+    try:
+        result = fn(conn, *args, **kwargs)
+    finally:
+        if not conn.invalidated:  # an invalidated one has no info to keep
+            conn.info[MAY_COMMIT_EARLY] = False
+    if conn.info[COMMITTED_EARLY]:
+        from psycopg.pq import TransactionStatus  # only psycopg commits early
+
+        driver: Any = conn.connection.driver_connection
+        if driver.info.transaction_status != TransactionStatus.IDLE:
+            raise RuntimeError(
+                f"{getattr(fn, '__name__', fn)!r} ran statements after "
+                "commit_with_pipeline()"
+            )
+    return result
+
+
 class Database:
     """SQL access for the module: transactions in a dedicated thread pool.
 
@@ -382,7 +415,7 @@ class Database:
             with self.engine.connect() as conn:
                 conn.execution_options(xsign_write=write)
                 with conn.begin():
-                    return fn(conn, *args, **kwargs)
+                    return _run_checked(conn, fn, *args, **kwargs)
         conn = self._thread_connection()
         try:
             if self._autocommit_reads:
@@ -395,7 +428,7 @@ class Database:
                     self._local.mode = mode
             conn.execution_options(xsign_write=write)
             with conn.begin():
-                return fn(conn, *args, **kwargs)
+                return _run_checked(conn, fn, *args, **kwargs)
         except DBAPIError:
             # The connection may be broken: the next attempt opens another.
             self._drop_thread_connection(conn)

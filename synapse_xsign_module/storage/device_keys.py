@@ -47,6 +47,8 @@ from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
     chunks,
+    commit_with_pipeline,
+    commits_in_pipeline,
     insert_many,
     lock_device,
     lock_users,
@@ -206,6 +208,7 @@ _OTK_COUNTS = RawStatement(
 )
 
 
+@commits_in_pipeline
 def upload_txn(
     conn: Connection,
     user_id: str,
@@ -309,6 +312,9 @@ def upload_txn(
             # Last: raising the version locks the user's version row until
             # the commit, and uploads of the user's other devices wait on it.
             bump_txn(conn, [user_id])
+        over_cap = max(counts.values(), default=0) > MAX_UNCLAIMED_PER_ALGORITHM
+        if not fallbacks and not over_cap:
+            commit_with_pipeline(conn)  # nothing follows: the lock goes now
 
     for fb in fallbacks:
         old_fb = conn.execute(
@@ -340,7 +346,7 @@ def upload_txn(
             ["key_id", "key_json", "used"],
         )
 
-    if otks and max(counts.values(), default=0) > MAX_UNCLAIMED_PER_ALGORITHM:
+    if over_cap:
         # Over the cap by the counts above: count again (a claim may have
         # taken keys meanwhile) before deleting any key.
         counts = count_one_time_keys_txn(conn, user_id, device_id)

@@ -20,6 +20,8 @@ from synapse_xsign_module.storage.schema import signatures
 from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
+    commit_with_pipeline,
+    commits_in_pipeline,
     lock_users,
     pipelined,
     upsert,
@@ -116,6 +118,7 @@ def _basis_holds(
     return key is not None and getattr(key, "key_json", None) == basis.key_json
 
 
+@commits_in_pipeline
 def store_signatures_txn(
     conn: Connection,
     pending: list[PendingSignature],
@@ -147,12 +150,14 @@ def store_signatures_txn(
         lock_users(conn, users)
         if _versions_unchanged(conn, users, versions):
             _write_signatures(conn, pending, set(), now_ms)
+            commit_with_pipeline(conn)  # nothing follows: the locks go now
             return []
     # A key changed since the verification: read every key again (outside a
     # pipeline, where SQLAlchemy's own reads see no rows), store what holds.
     stale = _stale_signatures(conn, pending, bases)
     with pipelined(conn):
         _write_signatures(conn, pending, set(stale), now_ms)
+        commit_with_pipeline(conn)
     return stale
 
 

@@ -310,6 +310,27 @@ def _can_pipeline(dialect: Dialect) -> bool:
     return bool(psycopg.Pipeline.is_supported())
 
 
+#: ``Connection.info`` keys: inside a :func:`pipelined` block; the running
+#: transaction function may commit early (:func:`commits_in_pipeline`); it did.
+_IN_PIPELINE = "xsign_in_pipeline"
+MAY_COMMIT_EARLY = "xsign_may_commit_early"
+COMMITTED_EARLY = "xsign_committed_early"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def commits_in_pipeline(fn: F) -> F:
+    """Mark a transaction function that may end its transaction with its last
+    pipelined statements (:func:`commit_with_pipeline`).
+
+    It does so only when it is the transaction's own function, the one given
+    to :meth:`Database.run`; called from inside another transaction function,
+    its transaction commits at the end as usual.
+    """
+    fn.xsign_commits_in_pipeline = True  # type: ignore[attr-defined]
+    return fn
+
+
 @contextlib.contextmanager
 def pipelined(conn: Connection) -> Iterator[None]:
     """On PostgreSQL, send the statements run inside without waiting for each
@@ -327,6 +348,7 @@ def pipelined(conn: Connection) -> Iterator[None]:
     SQLAlchemy's exception like every driver error here; the transaction
     then rolls back. Inside the block a statement's
     row count is not known yet (:meth:`RawStatement.execute` returns -1).
+    A block that ends its transaction calls :func:`commit_with_pipeline` last.
     Elsewhere (SQLite, another PostgreSQL driver, a libpq without pipeline
     mode) it does nothing.
     """
@@ -335,6 +357,7 @@ def pipelined(conn: Connection) -> Iterator[None]:
         return
     driver: Any = conn.connection.driver_connection
     driver_error = conn.dialect.loaded_dbapi.Error
+    conn.info[_IN_PIPELINE] = True
     try:
         with driver.pipeline():
             yield
@@ -342,6 +365,38 @@ def pipelined(conn: Connection) -> Iterator[None]:
         raise DBAPIError.instance(
             "(pipelined statements)", None, e, driver_error, dialect=conn.dialect
         ) from e
+    finally:
+        conn.info[_IN_PIPELINE] = False
+
+
+def commit_with_pipeline(conn: Connection) -> None:
+    """End the transaction with the statements of the :func:`pipelined` block
+    this is called in, last, when nothing else is to run in the transaction.
+
+    On PostgreSQL, in a function marked :func:`commits_in_pipeline` run as the
+    transaction's own function, the COMMIT is queued behind the block's
+    statements: it reaches the server with them, one round trip fewer, and
+    the locks they took are released as soon as the server has run them,
+    rather than once this thread has had their answers and sent a COMMIT of
+    its own (in a busy process, after waiting for the GIL meanwhile). The
+    transaction's own commit then has nothing left to do; :class:`Database`
+    checks that no statement ran after this one. A failed statement of the
+    block skips the COMMIT, and the transaction rolls back as always.
+    Elsewhere (SQLite, another driver, a function called from another one)
+    it does nothing: the transaction commits at its end.
+
+    Raises:
+        RuntimeError: when it would commit, but is outside a
+            :func:`pipelined` block.
+    """
+    if not conn.info.get(MAY_COMMIT_EARLY) or not _can_pipeline(conn.dialect):
+        return
+    if not conn.info.get(_IN_PIPELINE):
+        raise RuntimeError("commit_with_pipeline() outside a pipelined() block")
+    driver: Any = conn.connection.driver_connection
+    driver.execute("COMMIT", prepare=False)
+    conn.info[MAY_COMMIT_EARLY] = False
+    conn.info[COMMITTED_EARLY] = True
 
 
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
