@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete
+from typing import Any
+
+from sqlalchemy import delete, update
 
 from twisted.internet.task import Clock as FakeReactor
 from twisted.trial import unittest
@@ -10,7 +12,7 @@ from twisted.trial import unittest
 from synapse_xsign_module.clock import Clock
 from synapse_xsign_module.hosts.embedded.accounts import TokenInfo, hash_token
 from synapse_xsign_module.hosts.embedded.token_cache import TokenCache
-from synapse_xsign_module.storage.schema import host_access_tokens
+from synapse_xsign_module.storage.schema import host_access_tokens, host_users
 from tests.utils import HostTestCase
 
 WHOAMI = "/_matrix/client/v3/account/whoami"
@@ -124,6 +126,66 @@ class TokenCacheHostTest(HostTestCase):
         )
         self.assertEqual(resp.code, 200, resp)
         self.assertEqual(await self.whoami(bob.token), 401)
+
+
+class LoginTokenCacheTest(TokenCacheHostTest):
+    """A login puts its new token into the cache, and clears the cache only
+    when it revokes tokens."""
+
+    async def test_new_token_needs_no_read(self) -> None:
+        """The token a login issues is known without a read (as another
+        process's revocation shows: until the entry expires)."""
+        user_id = await self.make_user("alice")
+        token, _ = await self.login(user_id, "ADEV")
+        self.delete_token_row(token)
+        self.assertEqual(await self.whoami(token), 200)
+        self.reactor.advance(2.0)
+        self.assertEqual(await self.whoami(token), 401)
+
+    async def test_login_to_a_new_device_keeps_other_tokens(self) -> None:
+        """A login that revokes nothing leaves the other cached tokens."""
+        bob = await self.user_with_device("bob", "BDEV")
+        self.assertEqual(await self.whoami(bob.token), 200)
+        self.delete_token_row(bob.token)  # known only to the cache now
+        alice = await self.make_user("alice")
+        await self.login(alice, "ADEV")
+        self.assertEqual(await self.whoami(bob.token), 200)
+
+    async def test_deactivated_meanwhile_is_not_cached(self) -> None:
+        """An account deactivated behind this process's back before the login
+        commits: its new token is not remembered, and a read refuses it."""
+        user_id = await self.make_user("alice")
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                update(host_users)
+                .where(host_users.c.user_id == user_id)
+                .values(deactivated=True)
+            )
+        token, _ = await self.host.accounts.login(user_id, "ADEV", None, 0)
+        self.assertEqual(await self.whoami(token), 401)
+
+    async def test_cleared_during_the_login_is_not_cached(self) -> None:
+        """A revocation in this process while the login runs: its token is
+        not remembered (its view of the account may predate the revocation)."""
+        user_id = await self.make_user("alice")
+        accounts = self.host.accounts
+        cache = accounts.token_cache
+        assert cache is not None
+        db = accounts._db
+        real_run = db.run
+
+        def run_then_clear(*args: Any, **kwargs: Any) -> Any:
+            d = real_run(*args, **kwargs)
+            cache.clear()  # while the transaction runs
+            return d
+
+        db.run = run_then_clear  # type: ignore[method-assign]
+        try:
+            token, _ = await accounts.login(user_id, "ADEV", None, 0)
+        finally:
+            db.run = real_run  # type: ignore[method-assign]
+        self.delete_token_row(token)
+        self.assertEqual(await self.whoami(token), 401)
 
 
 class TokenCacheOffTest(HostTestCase):

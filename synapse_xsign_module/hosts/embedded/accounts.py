@@ -287,7 +287,9 @@ class AccountStore:
     ) -> defer.Deferred[tuple[str, str]]:
         """Make (or reuse) a device and issue an access token for it.
 
-        Logging in again to an existing device revokes its older tokens.
+        Logging in again to an existing device revokes its older tokens. The
+        new token goes into the token cache: a client's first request after
+        logging in (typically its ``/keys/upload``) needs no token read.
 
         Returns:
             (access token, device id).
@@ -296,8 +298,11 @@ class AccountStore:
             DeviceIdInUse: ``device_id`` is one of the user's cross-signing keys.
         """
         token = new_token()
+        digest = hash_token(token)
+        cache = self.token_cache
+        generation = cache.generation if cache is not None else 0
 
-        def txn(conn: Connection) -> tuple[str, str]:
+        def txn(conn: Connection) -> tuple[str, bool, bool]:
             dev = device_id or new_device_id()
             if dev in current_public_keys_txn(conn, user_id):
                 raise DeviceIdInUse(dev)
@@ -333,16 +338,35 @@ class AccountStore:
                     )
             conn.execute(
                 host_access_tokens.insert().values(
-                    token_hash=hash_token(token),
+                    token_hash=digest,
                     user_id=user_id,
                     device_id=dev,
                     created_ts=now_ms,
                 )
             )
+            # What a token read would say of it: refused if the account was
+            # deactivated since the caller looked.
+            active = conn.execute(
+                select(host_users.c.user_id).where(
+                    host_users.c.user_id == user_id,
+                    host_users.c.deactivated.is_(False),
+                )
+            ).first()
+            return dev, exists is not None, active is not None
+
+        def done(result: tuple[str, bool, bool]) -> tuple[str, str]:
+            dev, revoked, active = result
+            if cache is not None:
+                # Cleared meanwhile (a revocation here): this login's view of
+                # the account may predate it, so its token is not remembered.
+                unchanged = cache.generation == generation
+                if revoked:
+                    cache.clear()  # the device's older tokens
+                if unchanged and active:
+                    cache.put(digest, TokenInfo(user_id, dev), cache.generation)
             return token, dev
 
-        # Logging in to an existing device revokes its older tokens.
-        return self._db.run("login", txn).addCallback(self._revoked)
+        return self._db.run("login", txn).addCallback(done)
 
     async def get_token(self, token: str) -> TokenInfo | None:
         """Who a token belongs to; None if unknown, revoked or deactivated."""
