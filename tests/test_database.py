@@ -298,6 +298,32 @@ class RetryTest(DatabaseTestCase):
         self.assertEqual(self.db.retries, 1)
         self.assertEqual(await self.all_users(), ["@try2:x"])
 
+    async def test_connection_dropped_in_a_pipeline_is_retried(self) -> None:
+        """A connection killed inside a pipelined block (its COMMIT queued
+        behind) is retried on a new one; nothing of the first attempt stays."""
+        if not self.is_postgres:
+            raise unittest.SkipTest("needs PostgreSQL (XSIGN_TEST_POSTGRES_URL)")
+        attempts: list[int] = []
+        kill = RawStatement(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+        @commits_in_pipeline
+        def fn(conn: Connection) -> str:
+            attempts.append(1)
+            with pipelined(conn):
+                insert_many(
+                    conn,
+                    host_users,
+                    [{"user_id": f"@try{len(attempts)}:x", "created_ts": 1}],
+                )
+                if len(attempts) == 1:
+                    kill.rows(conn, {})
+                commit_with_pipeline(conn)
+            return "ok"
+
+        self.assertEqual(await self.db.run("dropped", fn), "ok")
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(await self.all_users(), ["@try2:x"])
+
     async def test_connection_killed_between_transactions_is_replaced(self) -> None:
         """A kept connection that the server closed while idle is replaced."""
         if not self.is_postgres:

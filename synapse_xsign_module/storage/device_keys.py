@@ -312,7 +312,8 @@ def upload_txn(
             # Last: raising the version locks the user's version row until
             # the commit, and uploads of the user's other devices wait on it.
             bump_txn(conn, [user_id])
-        over_cap = max(counts.values(), default=0) > MAX_UNCLAIMED_PER_ALGORITHM
+        most = max(counts.values(), default=0)
+        over_cap = bool(otks) and most > MAX_UNCLAIMED_PER_ALGORITHM
         if not fallbacks and not over_cap:
             commit_with_pipeline(conn)  # nothing follows: the lock goes now
 

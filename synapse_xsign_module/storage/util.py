@@ -366,7 +366,8 @@ def pipelined(conn: Connection) -> Iterator[None]:
             "(pipelined statements)", None, e, driver_error, dialect=conn.dialect
         ) from e
     finally:
-        conn.info[_IN_PIPELINE] = False
+        if not conn.invalidated:  # an invalidated one has no info to keep
+            conn.info[_IN_PIPELINE] = False
 
 
 def commit_with_pipeline(conn: Connection) -> None:
