@@ -304,6 +304,7 @@ class RetryTest(DatabaseTestCase):
         if not self.is_postgres:
             raise unittest.SkipTest("needs PostgreSQL (XSIGN_TEST_POSTGRES_URL)")
         attempts: list[int] = []
+        commit_asked: list[int] = []
         kill = RawStatement(text("SELECT pg_terminate_backend(pg_backend_pid())"))
 
         @commits_in_pipeline
@@ -316,12 +317,13 @@ class RetryTest(DatabaseTestCase):
                     [{"user_id": f"@try{len(attempts)}:x", "created_ts": 1}],
                 )
                 if len(attempts) == 1:
-                    kill.rows(conn, {})
+                    kill.execute(conn, {})  # queued, like the writes
                 commit_with_pipeline(conn)
+                commit_asked.append(1)
             return "ok"
 
         self.assertEqual(await self.db.run("dropped", fn), "ok")
-        self.assertEqual(len(attempts), 2)
+        self.assertEqual((len(attempts), len(commit_asked)), (2, 2))
         self.assertEqual(await self.all_users(), ["@try2:x"])
 
     async def test_connection_killed_between_transactions_is_replaced(self) -> None:
@@ -892,8 +894,8 @@ class CommitWithPipelineTest(DatabaseTestCase):
         self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
 
     async def test_failed_statement_skips_the_commit(self) -> None:
-        """A unique violation in the block: the queued COMMIT does not run,
-        nothing stays, and the connection serves the next transaction."""
+        """A unique violation in a block asked to commit: nothing of the
+        transaction stays, and the connection serves the next one."""
 
         @commits_in_pipeline
         def txn(conn: Connection) -> None:
@@ -923,6 +925,72 @@ class CommitWithPipelineTest(DatabaseTestCase):
         with self.assertRaises(RuntimeError):
             await self.db.run("early", txn)
         self.assertEqual(await self.all_users(), ["@a:x"])
+
+    async def test_statements_after_the_request_in_the_block_commit_with_it(
+        self,
+    ) -> None:
+        """The COMMIT goes behind every statement of the block, those after
+        commit_with_pipeline() included; a body that raises after it commits
+        nothing."""
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x"))
+                commit_with_pipeline(conn)
+                insert_many(conn, host_users, self.rows("@b:x"))
+
+        await self.db.run("early", txn)
+        self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
+        if self.is_postgres:
+            self.assertEqual(self.commit_status[0], "IDLE")
+
+        @commits_in_pipeline
+        def fails(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@c:x"))
+                commit_with_pipeline(conn)
+                raise ValueError("after the request")
+
+        with self.assertRaises(ValueError):
+            await self.db.run("early", fails)
+        self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
+
+    async def test_error_after_the_commit_is_not_retried(self) -> None:
+        """An error after the early COMMIT, even a retryable one, is raised as
+        a programming error and not retried: what the COMMIT stored stays."""
+        self.require_pipeline()
+        attempts: list[int] = []
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            attempts.append(1)
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows(f"@a{len(attempts)}:x"))
+                commit_with_pipeline(conn)
+            self.raise_retryable(conn)
+
+        with self.assertRaises(RuntimeError):
+            await self.db.run("early", txn)
+        self.assertEqual(len(attempts), 1)
+        self.assertEqual(await self.all_users(), ["@a1:x"])
+
+    async def test_nested_block_is_refused(self) -> None:
+        """Only an outermost block may end the transaction: statements of the
+        outer one after the inner one would run after the COMMIT."""
+        self.require_pipeline()
+
+        @commits_in_pipeline
+        def txn(conn: Connection) -> None:
+            with pipelined(conn):
+                insert_many(conn, host_users, self.rows("@a:x"))
+                with pipelined(conn):
+                    commit_with_pipeline(conn)
+                insert_many(conn, host_users, self.rows("@b:x"))
+
+        with self.assertRaises(RuntimeError):
+            await self.db.run("early", txn)
+        self.assertEqual(await self.all_users(), [])
 
     async def test_outside_a_pipeline_is_refused(self) -> None:
         self.require_pipeline()

@@ -63,8 +63,8 @@ class TokenCacheUnitTest(unittest.TestCase):
         self.assertEqual((cache.get("b"), cache.get("c")), (INFO, INFO))
 
 
-class TokenCacheHostTest(HostTestCase):
-    """The cache inside the embedded host: revocations here act at once."""
+class _HostWithCache(HostTestCase):
+    """An embedded host whose token cache runs on a clock the test moves."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -85,6 +85,10 @@ class TokenCacheHostTest(HostTestCase):
         resp = await self.client.get(WHOAMI, token=token)
         code: int = resp.code
         return code
+
+
+class TokenCacheHostTest(_HostWithCache):
+    """The cache inside the embedded host: revocations here act at once."""
 
     async def test_revoked_elsewhere_works_until_the_entry_expires(self) -> None:
         """Another process's revocation shows here within token_cache_ms."""
@@ -128,7 +132,7 @@ class TokenCacheHostTest(HostTestCase):
         self.assertEqual(await self.whoami(bob.token), 401)
 
 
-class LoginTokenCacheTest(TokenCacheHostTest):
+class LoginTokenCacheTest(_HostWithCache):
     """A login puts its new token into the cache, and clears the cache only
     when it revokes tokens."""
 

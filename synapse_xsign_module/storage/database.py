@@ -254,23 +254,32 @@ def _run_checked(
 
     A statement run after it would have started a transaction of its own,
     committed apart from the rest: a programming error, made loud here (what
-    ran after the COMMIT is rolled back).
+    ran after the COMMIT is rolled back). So is an error raised after the
+    COMMIT, which is not retried: what the COMMIT stored stays.
     """
-    conn.info[COMMITTED_EARLY] = False
-    conn.info[MAY_COMMIT_EARLY] = getattr(fn, "xsign_commits_in_pipeline", False)
+    # The dict itself: Connection.info raises once the connection is invalid.
+    info = conn.info
+    info[COMMITTED_EARLY] = False
+    info[MAY_COMMIT_EARLY] = getattr(fn, "xsign_commits_in_pipeline", False)
+    name = getattr(fn, "__name__", fn)
     try:
         result = fn(conn, *args, **kwargs)
+    except Exception as e:
+        if info.get(COMMITTED_EARLY):
+            raise RuntimeError(
+                f"{name!r} failed after its commit_with_pipeline(): what "
+                "came before is stored"
+            ) from e
+        raise
     finally:
-        if not conn.invalidated:  # an invalidated one has no info to keep
-            conn.info[MAY_COMMIT_EARLY] = False
-    if conn.info[COMMITTED_EARLY]:
+        info[MAY_COMMIT_EARLY] = False
+    if info[COMMITTED_EARLY]:
         from psycopg.pq import TransactionStatus  # only psycopg commits early
 
         driver: Any = conn.connection.driver_connection
         if driver.info.transaction_status != TransactionStatus.IDLE:
             raise RuntimeError(
-                f"{getattr(fn, '__name__', fn)!r} ran statements after "
-                "commit_with_pipeline()"
+                f"{name!r} ran statements after its commit_with_pipeline()"
             )
     return result
 

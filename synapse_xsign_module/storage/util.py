@@ -310,9 +310,10 @@ def _can_pipeline(dialect: Dialect) -> bool:
     return bool(psycopg.Pipeline.is_supported())
 
 
-#: ``Connection.info`` keys: inside a :func:`pipelined` block; the running
-#: transaction function may commit early (:func:`commits_in_pipeline`); it did.
-_IN_PIPELINE = "xsign_in_pipeline"
+#: ``Connection.info`` keys: the innermost :func:`pipelined` block now open
+#: (a :class:`_Block`); the running transaction function may commit early
+#: (:func:`commits_in_pipeline`); it did.
+_BLOCK = "xsign_pipeline_block"
 MAY_COMMIT_EARLY = "xsign_may_commit_early"
 COMMITTED_EARLY = "xsign_committed_early"
 
@@ -329,6 +330,17 @@ def commits_in_pipeline(fn: F) -> F:
     """
     fn.xsign_commits_in_pipeline = True  # type: ignore[attr-defined]
     return fn
+
+
+class _Block:
+    """An open :func:`pipelined` block: whether it is inside another one, and
+    whether it is to end the transaction."""
+
+    __slots__ = ("nested", "commit")
+
+    def __init__(self, nested: bool) -> None:
+        self.nested = nested
+        self.commit = False
 
 
 @contextlib.contextmanager
@@ -348,7 +360,7 @@ def pipelined(conn: Connection) -> Iterator[None]:
     SQLAlchemy's exception like every driver error here; the transaction
     then rolls back. Inside the block a statement's
     row count is not known yet (:meth:`RawStatement.execute` returns -1).
-    A block that ends its transaction calls :func:`commit_with_pipeline` last.
+    A block may end its transaction (:func:`commit_with_pipeline`).
     Elsewhere (SQLite, another PostgreSQL driver, a libpq without pipeline
     mode) it does nothing.
     """
@@ -357,47 +369,60 @@ def pipelined(conn: Connection) -> Iterator[None]:
         return
     driver: Any = conn.connection.driver_connection
     driver_error = conn.dialect.loaded_dbapi.Error
-    conn.info[_IN_PIPELINE] = True
+    # The dict itself: Connection.info raises once the connection is invalid.
+    info = conn.info
+    outer = info.get(_BLOCK)
+    block = info[_BLOCK] = _Block(nested=outer is not None)
+    committed = False
     try:
         with driver.pipeline():
             yield
+            if block.commit:
+                driver.execute("COMMIT", prepare=False)
+                committed = True
     except driver_error as e:
         raise DBAPIError.instance(
             "(pipelined statements)", None, e, driver_error, dialect=conn.dialect
         ) from e
     finally:
-        if not conn.invalidated:  # an invalidated one has no info to keep
-            conn.info[_IN_PIPELINE] = False
+        info[_BLOCK] = outer
+    if committed:
+        info[COMMITTED_EARLY] = True
 
 
 def commit_with_pipeline(conn: Connection) -> None:
-    """End the transaction with the statements of the :func:`pipelined` block
-    this is called in, last, when nothing else is to run in the transaction.
+    """Have the :func:`pipelined` block this is called in end the transaction,
+    when nothing is to run in the transaction after the block.
 
     On PostgreSQL, in a function marked :func:`commits_in_pipeline` run as the
-    transaction's own function, the COMMIT is queued behind the block's
-    statements: it reaches the server with them, one round trip fewer, and
-    the locks they took are released as soon as the server has run them,
-    rather than once this thread has had their answers and sent a COMMIT of
-    its own (in a busy process, after waiting for the GIL meanwhile). The
+    transaction's own function, a COMMIT is queued behind every statement of
+    the block once its body has finished without an error: it reaches the
+    server with them, one round trip fewer, and the locks they took are
+    released as soon as the server has run them, rather than once this thread
+    has had their answers and sent a COMMIT of its own (in a busy process,
+    after waiting for the GIL meanwhile). A body that raises, or a statement
+    that fails, leaves the transaction to roll back as always. The
     transaction's own commit then has nothing left to do; :class:`Database`
-    checks that no statement ran after this one. A failed statement of the
-    block skips the COMMIT, and the transaction rolls back as always.
-    Elsewhere (SQLite, another driver, a function called from another one)
-    it does nothing: the transaction commits at its end.
+    checks that no statement ran after the block. Elsewhere (SQLite, another
+    driver, a function called from another one, a read run without a
+    transaction) it does nothing: the transaction commits at its end.
 
     Raises:
         RuntimeError: when it would commit, but is outside a
-            :func:`pipelined` block.
+            :func:`pipelined` block or in one inside another.
     """
     if not conn.info.get(MAY_COMMIT_EARLY) or not _can_pipeline(conn.dialect):
         return
-    if not conn.info.get(_IN_PIPELINE):
-        raise RuntimeError("commit_with_pipeline() outside a pipelined() block")
+    block = conn.info.get(_BLOCK)
+    if block is None or block.nested:
+        raise RuntimeError(
+            "commit_with_pipeline() outside an outermost pipelined() block"
+        )
     driver: Any = conn.connection.driver_connection
-    driver.execute("COMMIT", prepare=False)
+    if driver.autocommit:  # run as a read: no transaction to end
+        return
     conn.info[MAY_COMMIT_EARLY] = False
-    conn.info[COMMITTED_EARLY] = True
+    block.commit = True
 
 
 def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
