@@ -98,6 +98,38 @@ def failed_record(target: str, workload: Any, concurrency: int, why: str) -> Jso
     return record
 
 
+def median_cells(cells: Sequence[JsonDict]) -> list[JsonDict]:
+    """One record per cell measured several times (``--repeat``): the run
+    with the median requests per second (the lower of the middle two for an
+    even count), so that its latencies and CPU figures all belong to one run.
+
+    It gets ``runs`` (how many), ``req_per_s_range`` ([lowest, highest]),
+    ``errors`` summed over the runs and ``verified`` only if every run was.
+    A cell measured once is returned as it is. Cells keep their first order.
+
+    Args:
+        cells: cell records; those of one target, workload, size and
+            concurrency are runs of one cell.
+    """
+    groups: dict[tuple[Any, ...], list[JsonDict]] = {}
+    for c in cells:
+        key = (c["target"], c["workload"], c["param"], c["concurrency"])
+        groups.setdefault(key, []).append(c)
+    out = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            out.append(runs[0])
+            continue
+        by_rate = sorted(runs, key=lambda c: c["req_per_s"])
+        median = dict(by_rate[(len(by_rate) - 1) // 2])
+        median["runs"] = len(runs)
+        median["req_per_s_range"] = [by_rate[0]["req_per_s"], by_rate[-1]["req_per_s"]]
+        median["errors"] = sum(c["errors"] for c in runs)
+        median["verified"] = all(c["verified"] for c in runs)
+        out.append(median)
+    return out
+
+
 def _num(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
@@ -107,9 +139,14 @@ def _num(value: float) -> str:
 
 
 def table(cells: Sequence[JsonDict]) -> str:
-    """A Markdown table of the cells (with a target column for several)."""
+    """A Markdown table of the cells (with a target column for several, and
+    the runs and their range of requests per second for cells measured more
+    than once, see :func:`median_cells`)."""
     targets = list(dict.fromkeys(c["target"] for c in cells))
     columns = (("target",) if len(targets) > 1 else ()) + COLUMNS
+    repeated = any(c.get("runs", 1) > 1 for c in cells)
+    if repeated:
+        columns += ("runs", "req/s range")
     rows = []
     order = {t: i for i, t in enumerate(targets)}
     cells = sorted(
@@ -134,11 +171,23 @@ def table(cells: Sequence[JsonDict]) -> str:
             str(c["errors"]),
             "yes" if c["verified"] else "FAILED",
         ]
+        if repeated:
+            low, high = c.get("req_per_s_range") or (c["req_per_s"], c["req_per_s"])
+            row += [str(c.get("runs", 1)), f"{_num(low)}-{_num(high)}"]
         rows.append(row)
     widths = [
         max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(columns)
     ]
-    right = {"concurrency", "req/s", "items/s", "p50 ms", "p99 ms", "errors"}
+    right = {
+        "concurrency",
+        "req/s",
+        "items/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "runs",
+        "req/s range",
+    }
 
     def line(values: Sequence[str]) -> str:
         cells_out = [

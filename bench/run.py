@@ -31,6 +31,7 @@ from bench.report import (
     code_version,
     failed_record,
     machine,
+    median_cells,
     merge,
     signature_fractions,
     table,
@@ -96,6 +97,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
 def _workload_list(text: str) -> tuple[str, ...]:
     values = tuple(v.strip().upper() for v in text.split(",") if v.strip())
     unknown = [v for v in values if v not in ALL_WORKLOADS]
@@ -128,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-devices", type=int, help="W7 devices per claim (50)")
     p.add_argument(
         "--setup-concurrency", type=int, help="requests in flight while preparing (16)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=_positive,
+        help="measure each cell this many times; the table shows the median (1)",
     )
     p.add_argument(
         "--db-url",
@@ -197,6 +213,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("claim_devices", "claim_devices"),
         ("setup_concurrency", "setup_concurrency"),
         ("crypto_signatures", "crypto_signatures"),
+        ("repeat", "repeat"),
     ):
         value = getattr(args, option)
         if value is not None:
@@ -304,7 +321,9 @@ class Run:
         self.cells: list[dict[str, Any]] = []
         self.targets: list[dict[str, Any]] = []
         plan = [(w, s) for w in settings.workloads for s in sizes_of(w, settings)]
-        self.total = len(plan) * len(settings.concurrency) * len(specs)
+        self.total = (
+            len(plan) * len(settings.concurrency) * len(specs) * settings.repeat
+        )
         self.index = 0
 
     async def run(self) -> None:
@@ -366,7 +385,7 @@ class Run:
         except Exception as e:  # the cells are marked failed
             traceback.print_exc()
             for c in s.concurrency:
-                self.index += 1
+                self.index += s.repeat
                 say(
                     f"[{self.index}/{self.total}] {target.name} {workload.label()} c={c}: setup failed: {e}"
                 )
@@ -375,11 +394,13 @@ class Run:
                 )
             return
         setup_s = time.monotonic() - started
-        for c in s.concurrency:
+        runs = [(c, r) for c in s.concurrency for r in range(1, s.repeat + 1)]
+        for c, repeat in runs:
             self.index += 1
             budget = f"{s.requests} requests" if s.requests else f"{s.duration:g} s"
+            of = f", run {repeat}/{s.repeat}" if s.repeat > 1 else ""
             say(
-                f"[{self.index}/{self.total}] {target.name} {workload.label()} c={c} ({budget}) ..."
+                f"[{self.index}/{self.total}] {target.name} {workload.label()} c={c} ({budget}{of}) ..."
             )
             workload.begin_cell(c)
             try:
@@ -391,11 +412,12 @@ class Run:
                 )
             except Exception as e:  # the cell is marked failed
                 traceback.print_exc()
-                self.cells.append(
-                    failed_record(target.name, workload, c, f"run failed: {e}")
-                )
+                failed = failed_record(target.name, workload, c, f"run failed: {e}")
+                failed["repeat"] = repeat
+                self.cells.append(failed)
                 continue
             record = cell_record(target.name, workload, c, stats, setup_s)
+            record["repeat"] = repeat
             setup_s = 0.0
             v_started = time.monotonic()
             try:
@@ -448,8 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compare:
         merged = merge(args.compare)
-        print(table(merged["cells"]))
-        for line in signature_fractions(merged["cells"], merged["crypto"]):
+        shown = median_cells(merged["cells"])
+        print(table(shown))
+        for line in signature_fractions(shown, merged["crypto"]):
             print(line)
         return 0
     try:
@@ -479,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _react(amain)
 
-    fractions = signature_fractions(run.cells, crypto)
+    shown = median_cells(run.cells)
+    fractions = signature_fractions(shown, crypto)
     failed = [c for c in run.cells if not c["verified"]]
     errors = sum(c["errors"] for c in run.cells)
     ok = not failed and "error" not in outcome and bool(run.cells)
@@ -501,11 +525,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "crypto": crypto,
         "targets": run.targets,
         "cells": run.cells,
+        "medians": shown if settings.repeat > 1 else None,
         "ok": ok,
         "error": outcome.get("error"),
     }
     write_json(args.json, data)
-    print(table(run.cells) if run.cells else "(no cells ran)")
+    print(table(shown) if shown else "(no cells ran)")
     if crypto:
         print()
         print(crypto_rate.describe(crypto))

@@ -23,6 +23,8 @@ class Settings:
         claim_devices: W7, devices per claim.
         setup_concurrency: requests in flight while preparing.
         crypto_signatures: signatures per process for the ed25519 rate.
+        repeat: times each cell is measured, one after the other; the table
+            shows the run with the median requests per second, and the range.
     """
 
     workloads: tuple[str, ...] = ALL_WORKLOADS
@@ -36,6 +38,7 @@ class Settings:
     claim_devices: int = 50
     setup_concurrency: int = 16
     crypto_signatures: int = 10000
+    repeat: int = 1
 
 
 FULL = Settings()

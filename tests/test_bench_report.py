@@ -16,7 +16,8 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from bench.report import cpu_split, merge, signature_fractions
+from bench.report import cpu_split, median_cells, merge, signature_fractions, table
+from bench.run import build_parser, settings_from
 from bench.runner import ProcessCpu, TreeSnapshot, cpu_between, tree_snapshot
 
 #: CPU seconds each child burns.
@@ -254,3 +255,81 @@ class CpuSplitTest(unittest.TestCase):
         self.assertIn("raw, one core: 50.0 us", lines[1])
         self.assertIn("125.0% of the raw ed25519 rate", lines[2])
         self.assertIn("raw, one core: 100.0 us", lines[3])
+
+
+def _run(rate: float, **changes: Any) -> dict[str, Any]:
+    """One run of a W3 cell, as the bench records it."""
+    cell = {
+        "target": "t",
+        "workload": "W3",
+        "endpoint": "keys/device_signing/upload",
+        "param_name": None,
+        "param": None,
+        "concurrency": 8,
+        "item": "keys",
+        "req_per_s": rate,
+        "items_per_s": 3 * rate,
+        "p50_ms": 1000 / rate if rate else 0.0,
+        "p99_ms": 3000 / rate if rate else 0.0,
+        "errors": 0,
+        "verified": True,
+    }
+    cell.update(changes)
+    return cell
+
+
+class MedianCellsTest(unittest.TestCase):
+    """``--repeat``: one row per cell, from the run with the median rate."""
+
+    def test_median_run_with_range_and_totals(self) -> None:
+        runs = [_run(100.0), _run(300.0, errors=2), _run(200.0, errors=1)]
+        (row,) = median_cells(runs)
+        self.assertEqual(row["req_per_s"], 200.0)
+        self.assertEqual(row["p99_ms"], 15.0)  # the median run's own p99
+        self.assertEqual(row["runs"], 3)
+        self.assertEqual(row["req_per_s_range"], [100.0, 300.0])
+        self.assertEqual(row["errors"], 3)
+        self.assertTrue(row["verified"])
+        self.assertNotIn("runs", runs[2])  # the recorded runs stay as they were
+
+    def test_even_count_takes_the_lower_middle(self) -> None:
+        runs = [_run(r) for r in (40.0, 10.0, 30.0, 20.0)]
+        self.assertEqual(median_cells(runs)[0]["req_per_s"], 20.0)
+
+    def test_one_failed_run_fails_the_cell(self) -> None:
+        runs = [_run(100.0), _run(0.0, verified=False), _run(90.0)]
+        (row,) = median_cells(runs)
+        self.assertFalse(row["verified"])
+        self.assertEqual(row["req_per_s"], 90.0)
+
+    def test_cells_apart_stay_apart_in_order(self) -> None:
+        once = _run(50.0, target="u")
+        cells = [
+            _run(10.0, concurrency=1),
+            once,
+            _run(20.0),
+            _run(30.0, concurrency=1),
+            _run(40.0),
+        ]
+        rows = median_cells(cells)
+        self.assertEqual(
+            [(r["target"], r["concurrency"], r.get("runs")) for r in rows],
+            [("t", 1, 2), ("u", 8, None), ("t", 8, 2)],
+        )
+        self.assertIs(rows[1], once)
+
+    def test_table_shows_runs_and_range_only_when_repeated(self) -> None:
+        self.assertNotIn("runs", table([_run(100.0)]))
+        text = table(median_cells([_run(100.0), _run(250.0), _run(180.0)]))
+        header, _, row = text.splitlines()
+        self.assertIn("| runs | req/s range |", header)
+        self.assertIn("|    3 |     100-250 |", row)
+        self.assertIn(" 180 ", row)
+
+    def test_repeat_option(self) -> None:
+        parser = build_parser()
+        self.assertEqual(settings_from(parser.parse_args([])).repeat, 1)
+        self.assertEqual(settings_from(parser.parse_args(["--repeat", "3"])).repeat, 3)
+        for bad in ("0", "-1", "x"):
+            with self.assertRaises(SystemExit):
+                parser.parse_args(["--repeat", bad])
