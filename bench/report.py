@@ -28,6 +28,10 @@ COLUMNS = (
     "errors",
     "verified",
 )
+#: Added for cells measured more than once (see :func:`median_cells`).
+REPEAT_COLUMNS = ("runs", "req/s range")
+#: Numbers, right-aligned: from concurrency to errors, and the repeat columns.
+RIGHT_ALIGNED = frozenset(COLUMNS[2:8] + REPEAT_COLUMNS)
 
 
 def cell_record(
@@ -146,7 +150,7 @@ def table(cells: Sequence[JsonDict]) -> str:
     columns = (("target",) if len(targets) > 1 else ()) + COLUMNS
     repeated = any(c.get("runs", 1) > 1 for c in cells)
     if repeated:
-        columns += ("runs", "req/s range")
+        columns += REPEAT_COLUMNS
     rows = []
     order = {t: i for i, t in enumerate(targets)}
     cells = sorted(
@@ -178,16 +182,7 @@ def table(cells: Sequence[JsonDict]) -> str:
     widths = [
         max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(columns)
     ]
-    right = {
-        "concurrency",
-        "req/s",
-        "items/s",
-        "p50 ms",
-        "p99 ms",
-        "errors",
-        "runs",
-        "req/s range",
-    }
+    right = RIGHT_ALIGNED
 
     def line(values: Sequence[str]) -> str:
         cells_out = [
