@@ -10,8 +10,9 @@ close``, and a fresh connection whenever a kept one has gone away.
 
 from __future__ import annotations
 
+import typing
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -21,6 +22,15 @@ from twisted.python.failure import Failure
 
 class WireError(Exception):
     """The connection broke or the server's answer was not HTTP/1.1."""
+
+
+class _Transport(typing.Protocol):
+    """What this client uses of a TCP transport (Twisted declares its
+    interfaces' methods without ``self``, which mypy cannot check)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
 
 
 class _Connection(Protocol):
@@ -39,13 +49,18 @@ class _Connection(Protocol):
         self._close_after = False
         self._chunks: list[bytes] = []
 
+    @property
+    def wire(self) -> _Transport | None:
+        """The connection's transport; None until connected."""
+        return cast("_Transport | None", self.transport)
+
     def send(self, data: bytes) -> defer.Deferred[tuple[int, bytes]]:
         """Write a whole request; fires with (status, body)."""
         assert self._waiting is None, "one request at a time"
         d: defer.Deferred[tuple[int, bytes]] = defer.Deferred()
         self._waiting = d
-        assert self.transport is not None
-        self.transport.write(data)
+        assert self.wire is not None
+        self.wire.write(data)
         return d
 
     def dataReceived(self, data: bytes) -> None:
@@ -54,8 +69,8 @@ class _Connection(Protocol):
             self._parse()
         except (ValueError, IndexError) as e:
             self._fail(WireError(f"bad HTTP answer: {e}"))
-            assert self.transport is not None
-            self.transport.loseConnection()
+            assert self.wire is not None
+            self.wire.loseConnection()
 
     def _parse(self) -> None:
         if self._status is None:
@@ -157,7 +172,7 @@ class WirePool:
         """A new kept connection."""
         r: Any = reactor
         endpoint = TCP4ClientEndpoint(r, self._host, self._port, timeout=30)
-        conn = await connectProtocol(endpoint, _Connection())
+        conn: _Connection = await connectProtocol(endpoint, _Connection())
         self._all.add(conn)
         return conn
 
@@ -194,8 +209,8 @@ class WirePool:
             result = await d
         except BaseException:
             self._all.discard(conn)
-            if conn.transport is not None:
-                conn.transport.loseConnection()
+            if conn.wire is not None:
+                conn.wire.loseConnection()
             raise
         finally:
             if timer.active():
@@ -204,14 +219,14 @@ class WirePool:
             self._idle.append(conn)
         else:
             self._all.discard(conn)
-            if conn.transport is not None:
-                conn.transport.loseConnection()
+            if conn.wire is not None:
+                conn.wire.loseConnection()
         return result
 
     def close(self) -> None:
         """Close every connection."""
         for conn in list(self._all):
-            if conn.transport is not None:
-                conn.transport.loseConnection()
+            if conn.wire is not None:
+                conn.wire.loseConnection()
         self._all.clear()
         self._idle.clear()
