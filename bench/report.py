@@ -182,17 +182,16 @@ def table(cells: Sequence[JsonDict]) -> str:
     widths = [
         max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(columns)
     ]
-    right = RIGHT_ALIGNED
 
     def line(values: Sequence[str]) -> str:
         cells_out = [
-            v.rjust(w) if columns[i] in right else v.ljust(w)
+            v.rjust(w) if columns[i] in RIGHT_ALIGNED else v.ljust(w)
             for i, (v, w) in enumerate(zip(values, widths, strict=True))
         ]
         return "| " + " | ".join(cells_out) + " |"
 
     sep = [
-        ("-" * (w - 1) + ":") if c in right else "-" * w
+        ("-" * (w - 1) + ":") if c in RIGHT_ALIGNED else "-" * w
         for c, w in zip(columns, widths, strict=True)
     ]
     return "\n".join([line(columns), line(sep), *(line(r) for r in rows)])

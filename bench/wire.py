@@ -54,6 +54,11 @@ class _Connection(Protocol):
         """The connection's transport; None until connected."""
         return cast("_Transport | None", self.transport)
 
+    def close(self) -> None:
+        """Close the connection, if it was made."""
+        if self.wire is not None:
+            self.wire.loseConnection()
+
     def send(self, data: bytes) -> defer.Deferred[tuple[int, bytes]]:
         """Write a whole request; fires with (status, body)."""
         assert self._waiting is None, "one request at a time"
@@ -209,8 +214,7 @@ class WirePool:
             result = await d
         except BaseException:
             self._all.discard(conn)
-            if conn.wire is not None:
-                conn.wire.loseConnection()
+            conn.close()
             raise
         finally:
             if timer.active():
@@ -219,14 +223,12 @@ class WirePool:
             self._idle.append(conn)
         else:
             self._all.discard(conn)
-            if conn.wire is not None:
-                conn.wire.loseConnection()
+            conn.close()
         return result
 
     def close(self) -> None:
         """Close every connection."""
         for conn in list(self._all):
-            if conn.wire is not None:
-                conn.wire.loseConnection()
+            conn.close()
         self._all.clear()
         self._idle.clear()

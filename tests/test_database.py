@@ -65,6 +65,11 @@ def add_user(conn: Connection, user_id: str) -> None:
     conn.execute(host_users.insert().values(user_id=user_id, created_ts=1))
 
 
+def new_users(*ids: str) -> list[dict[str, Any]]:
+    """Account rows to insert, one per id."""
+    return [{"user_id": i, "created_ts": 1} for i in ids]
+
+
 def user_ids(conn: Connection) -> list[str]:
     """Every account id, sorted."""
     return list(
@@ -106,6 +111,13 @@ class DatabaseTestCase(unittest.TestCase):
     def is_postgres(self) -> bool:
         """Whether the engine under test is PostgreSQL."""
         return self.db.engine_name == "postgresql"
+
+    def require_pipeline(self) -> None:
+        """Skip unless on PostgreSQL through psycopg's pipeline mode."""
+        from synapse_xsign_module.storage.util import _can_pipeline
+
+        if not self.is_postgres or not _can_pipeline(self.db.engine.dialect):
+            raise unittest.SkipTest("needs psycopg's pipeline mode on PostgreSQL")
 
     async def all_users(self) -> list[str]:
         """Every account id, read in a transaction of its own."""
@@ -676,14 +688,11 @@ class RawStatementTest(DatabaseTestCase):
 class PipelinedTest(DatabaseTestCase):
     """Writes inside pipelined(): sent at once on PostgreSQL, all or nothing."""
 
-    def rows(self, *ids: str) -> list[dict[str, Any]]:
-        return [{"user_id": i, "created_ts": 1} for i in ids]
-
     async def test_writes_land(self) -> None:
         def txn(conn: Connection) -> bool:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x", "@b:x"))
-                upsert(conn, host_users, self.rows("@c:x"), ["user_id"], ["created_ts"])
+                insert_many(conn, host_users, new_users("@a:x", "@b:x"))
+                upsert(conn, host_users, new_users("@c:x"), ["user_id"], ["created_ts"])
                 active = self.pipeline_active(conn)
             return active and not self.pipeline_active(conn)
 
@@ -698,9 +707,9 @@ class PipelinedTest(DatabaseTestCase):
         def txn(conn: Connection) -> None:
             add_user(conn, "@before:x")
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x"))
-                insert_many(conn, host_users, self.rows("@a:x"))
-                insert_many(conn, host_users, self.rows("@after:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
+                insert_many(conn, host_users, new_users("@after:x"))
 
         with self.assertRaises(IntegrityError):
             await self.db.run("pipe", txn)
@@ -747,12 +756,7 @@ class RoundTripsTest(DatabaseTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if not self.is_postgres:
-            raise unittest.SkipTest("round trips are counted on PostgreSQL")
-        from synapse_xsign_module.storage.util import _can_pipeline
-
-        if not _can_pipeline(self.db.engine.dialect):
-            raise unittest.SkipTest("this libpq has no pipeline mode")
+        self.require_pipeline()
 
     async def trips(self, fn: Any) -> int:
         """Round trips of ``fn(conn)`` in a write transaction, COMMIT not
@@ -839,15 +843,6 @@ class CommitWithPipelineTest(DatabaseTestCase):
         event.listen(self.db.engine, "commit", on_commit)
         self.addCleanup(event.remove, self.db.engine, "commit", on_commit)
 
-    def rows(self, *ids: str) -> list[dict[str, Any]]:
-        return [{"user_id": i, "created_ts": 1} for i in ids]
-
-    def require_pipeline(self) -> None:
-        from synapse_xsign_module.storage.util import _can_pipeline
-
-        if not self.is_postgres or not _can_pipeline(self.db.engine.dialect):
-            raise unittest.SkipTest("commits early only in psycopg's pipeline mode")
-
     async def test_commit_goes_with_the_writes(self) -> None:
         """The COMMIT is among the block's statements; the transaction's own
         commit finds nothing left to do."""
@@ -855,7 +850,7 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def txn(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x", "@b:x"))
+                insert_many(conn, host_users, new_users("@a:x", "@b:x"))
                 commit_with_pipeline(conn)
 
         await self.db.run("early", txn)
@@ -871,7 +866,7 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def inner(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
                 commit_with_pipeline(conn)
 
         def outer(conn: Connection) -> None:
@@ -900,8 +895,8 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def txn(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x"))
-                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
                 commit_with_pipeline(conn)
 
         with self.assertRaises(IntegrityError):
@@ -918,7 +913,7 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def txn(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
                 commit_with_pipeline(conn)
             add_user(conn, "@late:x")
 
@@ -936,9 +931,9 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def txn(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
                 commit_with_pipeline(conn)
-                insert_many(conn, host_users, self.rows("@b:x"))
+                insert_many(conn, host_users, new_users("@b:x"))
 
         await self.db.run("early", txn)
         self.assertEqual(await self.all_users(), ["@a:x", "@b:x"])
@@ -948,7 +943,7 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def fails(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@c:x"))
+                insert_many(conn, host_users, new_users("@c:x"))
                 commit_with_pipeline(conn)
                 raise ValueError("after the request")
 
@@ -966,7 +961,7 @@ class CommitWithPipelineTest(DatabaseTestCase):
         def txn(conn: Connection) -> None:
             attempts.append(1)
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows(f"@a{len(attempts)}:x"))
+                insert_many(conn, host_users, new_users(f"@a{len(attempts)}:x"))
                 commit_with_pipeline(conn)
             self.raise_retryable(conn)
 
@@ -983,10 +978,10 @@ class CommitWithPipelineTest(DatabaseTestCase):
         @commits_in_pipeline
         def txn(conn: Connection) -> None:
             with pipelined(conn):
-                insert_many(conn, host_users, self.rows("@a:x"))
+                insert_many(conn, host_users, new_users("@a:x"))
                 with pipelined(conn):
                     commit_with_pipeline(conn)
-                insert_many(conn, host_users, self.rows("@b:x"))
+                insert_many(conn, host_users, new_users("@b:x"))
 
         with self.assertRaises(RuntimeError):
             await self.db.run("early", txn)

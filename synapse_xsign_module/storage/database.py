@@ -243,6 +243,11 @@ def _begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int) -> None:
         driver.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
 
 
+def _name(fn: Callable[..., Any]) -> str:
+    """A transaction function's name, for an error."""
+    return str(getattr(fn, "__name__", fn))
+
+
 def _run_checked(
     conn: Connection,
     fn: Callable[Concatenate[Connection, P], T],
@@ -261,13 +266,12 @@ def _run_checked(
     info = conn.info
     info[COMMITTED_EARLY] = False
     info[MAY_COMMIT_EARLY] = getattr(fn, "xsign_commits_in_pipeline", False)
-    name = getattr(fn, "__name__", fn)
     try:
         result = fn(conn, *args, **kwargs)
     except Exception as e:
         if info.get(COMMITTED_EARLY):
             raise RuntimeError(
-                f"{name!r} failed after its commit_with_pipeline(): what "
+                f"{_name(fn)!r} failed after its commit_with_pipeline(): what "
                 "came before is stored"
             ) from e
         raise
@@ -279,7 +283,7 @@ def _run_checked(
         driver: Any = conn.connection.driver_connection
         if driver.info.transaction_status != TransactionStatus.IDLE:
             raise RuntimeError(
-                f"{name!r} ran statements after its commit_with_pipeline()"
+                f"{_name(fn)!r} ran statements after its commit_with_pipeline()"
             )
     return result
 
