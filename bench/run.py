@@ -40,7 +40,7 @@ from bench.report import (
 from bench.runner import run_cell
 from bench.server import EmbeddedServer, redact_url
 from bench.settings import ALL_WORKLOADS, FULL, QUICK, Settings
-from bench.workloads import WORKLOADS, sizes_of
+from bench.workloads import WORKLOADS, Workload, sizes_of
 
 #: Keep-alive connections each cell's requests rotate over (at least 4 per
 #: request in flight).
@@ -68,6 +68,8 @@ examples:
   python -m bench --workloads W4 --k 500 --concurrency 8 --duration 30
   python -m bench --target sqlite=embedded \\
       --target 'pg=embedded,db_url=postgresql+psycopg://u:p@127.0.0.1/xsign'
+  python -m bench --interleave --repeat 3 --target synapse=http://127.0.0.1:8008 \
+      --target sqlite=embedded                  # side by side, cell by cell
   python -m bench --compare a.json b.json        # one table from two runs
 """
 
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure each cell this many times; the table shows the median (1)",
     )
     p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every target at once and run each cell on one after the other",
+    )
+    p.add_argument(
         "--db-url",
         default=env("BENCH_DB_URL"),
         help="database of the started embedded host",
@@ -214,6 +221,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("setup_concurrency", "setup_concurrency"),
         ("crypto_signatures", "crypto_signatures"),
         ("repeat", "repeat"),
+        ("interleave", "interleave"),
     ):
         value = getattr(args, option)
         if value is not None:
@@ -312,6 +320,24 @@ def _provider(
     )
 
 
+@attr.s(auto_attribs=True)
+class _Opened:
+    """A target whose server is up and whose bench users exist."""
+
+    spec: TargetSpec
+    target: Target
+    server: EmbeddedServer | None
+
+
+@attr.s(auto_attribs=True)
+class _Prepared:
+    """A workload set up on one target, with its setup time still to record."""
+
+    target: Target
+    workload: Workload
+    setup_s: float
+
+
 class Run:
     """One run over every target, collecting cell records."""
 
@@ -327,12 +353,59 @@ class Run:
         self.index = 0
 
     async def run(self) -> None:
-        """Every target, one after the other."""
+        """Every target, one after the other; or, interleaved, every cell on
+        each target in turn."""
+        if self.settings.interleave:
+            await self.run_interleaved()
+            return
         for spec in self.specs:
             await self.run_target(spec)
 
     async def run_target(self, spec: TargetSpec) -> None:
         """Start (or reach) one server and run every cell against it."""
+        opened = await self._open(spec)
+        try:
+            for key, size in self._plan():
+                prepared = await self._prepare(opened.target, key, size)
+                if prepared is None:
+                    continue
+                for c, repeat in self._runs():
+                    await self._measure(prepared, c, repeat)
+        finally:
+            await self._close(opened)
+
+    async def run_interleaved(self) -> None:
+        """Every server up at once; each workload set up on every target, then
+        each of its cells run on one target after the other (and each repeat
+        likewise), so that a machine whose speed drifts during the run moves
+        every target's cells alike."""
+        opened: list[_Opened] = []
+        try:
+            for spec in self.specs:
+                opened.append(await self._open(spec))
+            for key, size in self._plan():
+                prepared = [
+                    p
+                    for o in opened
+                    if (p := await self._prepare(o.target, key, size)) is not None
+                ]
+                for c, repeat in self._runs():
+                    for p in prepared:
+                        await self._measure(p, c, repeat)
+        finally:
+            for o in reversed(opened):
+                await self._close(o)
+
+    def _plan(self) -> list[tuple[str, int | None]]:
+        s = self.settings
+        return [(key, size) for key in s.workloads for size in sizes_of(key, s)]
+
+    def _runs(self) -> list[tuple[int, int]]:
+        s = self.settings
+        return [(c, r) for c in s.concurrency for r in range(1, s.repeat + 1)]
+
+    async def _open(self, spec: TargetSpec) -> _Opened:
+        """Start (or reach) a target's server and make its bench users."""
         s = self.settings
         server = None
         info: dict[str, Any] = {"name": spec.name}
@@ -353,31 +426,42 @@ class Run:
         client = JsonClient(
             base_url, max_connections=max(*s.concurrency, s.setup_concurrency) + 4
         )
-        provider = _provider(spec, client, server)
-        info["provider"] = provider.kind
         try:
+            provider = _provider(spec, client, server)
+            info["provider"] = provider.kind
             target = Target(spec.name, client, provider, s.setup_concurrency)
             if server is not None and server.process is not None:
                 target.server_pid = server.process.pid
             await target.start()
             info["server_name"] = target.watcher().user_id.split(":", 1)[1]
-            for key in s.workloads:
-                for size in sizes_of(key, s):
-                    await self.run_workload(target, key, size)
-        finally:
-            await client.close()
-            if server is not None:
-                if server.process is not None and server.process.poll() is not None:
-                    say(
-                        f"{spec.name}: the embedded host exited with "
-                        f"{server.process.returncode}:\n{server.log_tail()}"
-                    )
-                await server.stop()
+        except BaseException:
+            await self._stop(spec.name, client, server)
+            raise
+        return _Opened(spec, target, server)
 
-    async def run_workload(self, target: Target, key: str, size: int | None) -> None:
-        """One workload at one size, at every concurrency."""
+    async def _close(self, opened: _Opened) -> None:
+        await self._stop(opened.spec.name, opened.target.client, opened.server)
+
+    @staticmethod
+    async def _stop(
+        name: str, client: JsonClient, server: EmbeddedServer | None
+    ) -> None:
+        """Close a target's connections and stop a server the bench started."""
+        await client.close()
+        if server is not None:
+            if server.process is not None and server.process.poll() is not None:
+                say(
+                    f"{name}: the embedded host exited with "
+                    f"{server.process.returncode}:\n{server.log_tail()}"
+                )
+            await server.stop()
+
+    async def _prepare(
+        self, target: Target, key: str, size: int | None
+    ) -> _Prepared | None:
+        """Set a workload up on a target; None (its cells marked failed) when
+        the setup fails."""
         s = self.settings
-        server_pid = target.server_pid
         workload = WORKLOADS[key](target, s, size)
         started = time.monotonic()
         try:
@@ -392,76 +476,79 @@ class Run:
                 self.cells.append(
                     failed_record(target.name, workload, c, f"setup failed: {e}")
                 )
+            return None
+        return _Prepared(target, workload, time.monotonic() - started)
+
+    async def _measure(self, prepared: _Prepared, c: int, repeat: int) -> None:
+        """One cell: measure, record, and read back and verify what it stored."""
+        s = self.settings
+        target, workload = prepared.target, prepared.workload
+        self.index += 1
+        budget = f"{s.requests} requests" if s.requests else f"{s.duration:g} s"
+        of = f", run {repeat}/{s.repeat}" if s.repeat > 1 else ""
+        say(
+            f"[{self.index}/{self.total}] {target.name} {workload.label()} c={c} ({budget}{of}) ..."
+        )
+        workload.begin_cell(c)
+        try:
+            # The kernel gives each connection to one process of a
+            # `--workers` server: over many connections the share evens out.
+            await target.client.open_connections(max(MIN_CONNECTIONS, 4 * c))
+            stats = await run_cell(
+                target.client, workload, c, s.duration, s.requests, target.server_pid
+            )
+        except Exception as e:  # the cell is marked failed
+            traceback.print_exc()
+            failed = failed_record(target.name, workload, c, f"run failed: {e}")
+            failed["repeat"] = repeat
+            self.cells.append(failed)
             return
-        setup_s = time.monotonic() - started
-        runs = [(c, r) for c in s.concurrency for r in range(1, s.repeat + 1)]
-        for c, repeat in runs:
-            self.index += 1
-            budget = f"{s.requests} requests" if s.requests else f"{s.duration:g} s"
-            of = f", run {repeat}/{s.repeat}" if s.repeat > 1 else ""
-            say(
-                f"[{self.index}/{self.total}] {target.name} {workload.label()} c={c} ({budget}{of}) ..."
+        record = cell_record(target.name, workload, c, stats, prepared.setup_s)
+        record["repeat"] = repeat
+        prepared.setup_s = 0.0
+        v_started = time.monotonic()
+        try:
+            problems = await workload.verify()
+            record["signatures_verified"] = problems.signatures_checked
+            record["verify_problem_count"] = problems.count
+            record["verify_problems"] = problems.texts
+            record["verified"] = problems.count == 0 and stats.ok > 0
+            if stats.ok == 0:
+                record["verify_problems"].append("no correct answer to verify")
+        except Exception as e:  # the cell is marked failed
+            traceback.print_exc()
+            record["verify_problems"] = [f"verification failed: {e}"]
+            record["verify_problem_count"] = 1
+        record["verify_s"] = round(time.monotonic() - v_started, 3)
+        self.cells.append(record)
+        say(
+            f"    {record['req_per_s']:,.1f} req/s, {record['items_per_s']:,.0f} "
+            f"{workload.item}/s, p50 {record['p50_ms']:.1f} ms, p99 "
+            f"{record['p99_ms']:.1f} ms, {stats.errors} errors, CPU "
+            + (
+                f"server {record['server_cpu_pct']:.0f}% "
+                if record["server_cpu_pct"] is not None
+                else ""
             )
-            workload.begin_cell(c)
-            try:
-                # The kernel gives each connection to one process of a
-                # `--workers` server: over many connections the share evens out.
-                await target.client.open_connections(max(MIN_CONNECTIONS, 4 * c))
-                stats = await run_cell(
-                    target.client, workload, c, s.duration, s.requests, server_pid
-                )
-            except Exception as e:  # the cell is marked failed
-                traceback.print_exc()
-                failed = failed_record(target.name, workload, c, f"run failed: {e}")
-                failed["repeat"] = repeat
-                self.cells.append(failed)
-                continue
-            record = cell_record(target.name, workload, c, stats, setup_s)
-            record["repeat"] = repeat
-            setup_s = 0.0
-            v_started = time.monotonic()
-            try:
-                problems = await workload.verify()
-                record["signatures_verified"] = problems.signatures_checked
-                record["verify_problem_count"] = problems.count
-                record["verify_problems"] = problems.texts
-                record["verified"] = problems.count == 0 and stats.ok > 0
-                if stats.ok == 0:
-                    record["verify_problems"].append("no correct answer to verify")
-            except Exception as e:  # the cell is marked failed
-                traceback.print_exc()
-                record["verify_problems"] = [f"verification failed: {e}"]
-                record["verify_problem_count"] = 1
-            record["verify_s"] = round(time.monotonic() - v_started, 3)
-            self.cells.append(record)
-            say(
-                f"    {record['req_per_s']:,.1f} req/s, {record['items_per_s']:,.0f} "
-                f"{workload.item}/s, p50 {record['p50_ms']:.1f} ms, p99 "
-                f"{record['p99_ms']:.1f} ms, {stats.errors} errors, CPU "
-                + (
-                    f"server {record['server_cpu_pct']:.0f}% "
-                    if record["server_cpu_pct"] is not None
-                    else ""
-                )
-                + (
-                    f"(verification processes {record['verifier_cpu_pct']:.0f}%) "
-                    if record["verifier_cpu_pct"]
-                    else ""
-                )
-                + (
-                    "(a server process ended: incomplete) "
-                    if not record["cpu_complete"]
-                    else ""
-                )
-                + f"bench {record['bench_cpu_pct']:.0f}%; "
-                + (
-                    f"verified {record['signatures_verified']:,} signatures in {record['verify_s']:.1f} s"
-                    if record["verified"]
-                    else f"VERIFICATION FAILED: {record['verify_problems'][:3]}"
-                )
+            + (
+                f"(verification processes {record['verifier_cpu_pct']:.0f}%) "
+                if record["verifier_cpu_pct"]
+                else ""
             )
-            for sample in stats.error_samples[:2]:
-                say(f"    error: {sample}")
+            + (
+                "(a server process ended: incomplete) "
+                if not record["cpu_complete"]
+                else ""
+            )
+            + f"bench {record['bench_cpu_pct']:.0f}%; "
+            + (
+                f"verified {record['signatures_verified']:,} signatures in {record['verify_s']:.1f} s"
+                if record["verified"]
+                else f"VERIFICATION FAILED: {record['verify_problems'][:3]}"
+            )
+        )
+        for sample in stats.error_samples[:2]:
+            say(f"    error: {sample}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

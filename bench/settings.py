@@ -25,6 +25,9 @@ class Settings:
         crypto_signatures: signatures per process for the ed25519 rate.
         repeat: times each cell is measured, one after the other; the table
             shows the run with the median requests per second, and the range.
+        interleave: every target's server started at once, and each cell
+            (each of its repeats too) run on one target after the other,
+            rather than every cell of one target before the next target.
     """
 
     workloads: tuple[str, ...] = ALL_WORKLOADS
@@ -39,6 +42,7 @@ class Settings:
     setup_concurrency: int = 16
     crypto_signatures: int = 10000
     repeat: int = 1
+    interleave: bool = False
 
 
 FULL = Settings()

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from twisted.trial import unittest
 
@@ -31,8 +32,13 @@ TIMEOUT = 120
 
 
 class BenchSmokeTest(unittest.TestCase):
-    def test_quick_run(self) -> None:
-        """Every workload runs one short cell with no error and verifies."""
+    def run_bench(self, *args: str) -> tuple[dict[str, Any], str, str]:
+        """Run ``python -m bench --quick`` with tiny sizes and ``args``;
+        asserts that it succeeded.
+
+        Returns:
+            The results JSON, the standard output and the end of the log.
+        """
         out = tempfile.mkdtemp(prefix="xsign-bench-test-")
         self.addCleanup(shutil.rmtree, out, True)
         path = os.path.join(out, "results.json")
@@ -43,8 +49,8 @@ class BenchSmokeTest(unittest.TestCase):
         done = subprocess.run(
             [sys.executable, "-m", "bench", "--quick", "--concurrency", "1"]
             + ["--k", "5", "--q", "5", "--m", "5", "--claim-devices", "5"]
-            + ["--otks", "10", "--duration", "0.3", "--crypto-signatures", "300"]
-            + ["--setup-concurrency", "4", "--json", path],
+            + ["--otks", "10", "--duration", "0.3", "--setup-concurrency", "4"]
+            + ["--json", path, *args],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -54,8 +60,13 @@ class BenchSmokeTest(unittest.TestCase):
         log = done.stderr.decode(errors="replace")[-4000:]
         self.assertEqual(done.returncode, 0, log)
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data: dict[str, Any] = json.load(f)
         self.assertTrue(data["ok"], log)
+        return data, done.stdout.decode(), log
+
+    def test_quick_run(self) -> None:
+        """Every workload runs one short cell with no error and verifies."""
+        data, stdout, _ = self.run_bench("--crypto-signatures", "300")
         cells = data["cells"]
         self.assertEqual({c["workload"] for c in cells}, WORKLOADS)
         self.assertEqual(len(cells), len(WORKLOADS))
@@ -69,7 +80,40 @@ class BenchSmokeTest(unittest.TestCase):
             "signature_fraction", next(c for c in cells if c["workload"] == "W4")
         )
         self.assertGreater(data["crypto"]["nacl"]["1"], 0)
-        self.assertIn("| W7 keys/claim", done.stdout.decode())
+        self.assertIn("| W7 keys/claim", stdout)
+
+    def test_interleaved_targets(self) -> None:
+        """--interleave starts both servers and runs each cell, and each of
+        its repeats, on one target after the other."""
+        data, _, log = self.run_bench(
+            "--no-crypto",
+            "--interleave",
+            "--repeat",
+            "2",
+            "--workloads",
+            "W3,W4",
+            "--target",
+            "one=embedded",
+            "--target",
+            "two=embedded",
+        )
+        order = [(c["workload"], c["repeat"], c["target"]) for c in data["cells"]]
+        self.assertEqual(
+            order,
+            [(w, r, t) for w in ("W3", "W4") for r in (1, 2) for t in ("one", "two")],
+            log,
+        )
+        for cell in data["cells"]:
+            self.assertTrue(cell["verified"], cell["verify_problems"])
+            self.assertEqual(cell["errors"], 0, cell["error_samples"])
+        # Each target's setup time goes with its first cell of the workload.
+        for cell in data["cells"]:
+            if cell["repeat"] == 1:
+                self.assertGreater(cell["setup_s"], 0, cell["target"])
+            else:
+                self.assertEqual(cell["setup_s"], 0, cell["target"])
+        self.assertTrue(data["settings"]["interleave"])
+        self.assertEqual([t["name"] for t in data["targets"]], ["one", "two"])
 
     def test_verifier_rejects_a_forged_signature(self) -> None:
         """A read-back whose SSK signature is corrupt fails verification."""
