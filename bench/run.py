@@ -68,7 +68,7 @@ examples:
   python -m bench --workloads W4 --k 500 --concurrency 8 --duration 30
   python -m bench --target sqlite=embedded \\
       --target 'pg=embedded,db_url=postgresql+psycopg://u:p@127.0.0.1/xsign'
-  python -m bench --interleave --repeat 3 --target synapse=http://127.0.0.1:8008 \
+  python -m bench --interleave --repeat 3 --target synapse=http://127.0.0.1:8008 \\
       --target sqlite=embedded                  # side by side, cell by cell
   python -m bench --compare a.json b.json        # one table from two runs
 """
