@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import delete, update
 
+from twisted.internet import defer
 from twisted.internet.task import Clock as FakeReactor
 from twisted.trial import unittest
 
@@ -203,3 +204,38 @@ class TokenCacheOffTest(HostTestCase):
         with self.db.engine.begin() as conn:
             conn.execute(delete(host_access_tokens))
         self.assertEqual((await self.client.get(WHOAMI, token=alice.token)).code, 401)
+
+
+class SharedTokenReadTest(HostTestCase):
+    """Tokens that are not in the cache, asked for at the same time, are read
+    in one transaction, each caller getting its own token's answer."""
+
+    config_overrides = {"embedded": {"token_cache_ms": 0}}
+
+    async def test_concurrent_reads_share_one_transaction(self) -> None:
+        alice = await self.user_with_device("alice", "ADEV")
+        bob = await self.user_with_device("bob", "BDEV")
+        carol = await self.user_with_device("carol", "CDEV")
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                update(host_users)
+                .where(host_users.c.user_id == carol.user_id)
+                .values(deactivated=True)
+            )
+        accounts = self.host.accounts
+        tokens = [alice.token, bob.token, carol.token, "unknown", alice.token]
+        before = self.db.transactions
+        results = await defer.gatherResults(
+            [defer.ensureDeferred(accounts.get_token(t)) for t in tokens]
+        )
+        self.assertEqual(
+            results,
+            [
+                TokenInfo(alice.user_id, "ADEV"),
+                TokenInfo(bob.user_id, "BDEV"),
+                None,  # deactivated
+                None,  # never issued
+                TokenInfo(alice.user_id, "ADEV"),
+            ],
+        )
+        self.assertEqual(self.db.transactions - before, 1)

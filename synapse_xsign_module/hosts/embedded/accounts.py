@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import TypeVar
 
 import attr
-from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy import Connection, delete, func, select, update
 
 from twisted.internet import defer
 
@@ -93,19 +93,29 @@ _NAMED_DEVICES = select(
     any_of(host_devices.c.user_id, "users"), host_devices.c.display_name.is_not(None)
 )
 
-_TOKEN_QUERY = (
-    select(host_access_tokens.c.user_id, host_access_tokens.c.device_id)
+_TOKENS = RawStatement(
+    select(
+        host_access_tokens.c.token_hash,
+        host_access_tokens.c.user_id,
+        host_access_tokens.c.device_id,
+    )
     .join(host_users, host_users.c.user_id == host_access_tokens.c.user_id)
     .where(
-        host_access_tokens.c.token_hash == bindparam("digest"),
+        any_of(host_access_tokens.c.token_hash, "digests"),
         host_users.c.deactivated.is_(False),
     )
 )
 
 
-def _get_token_txn(conn: Connection, digest: str) -> TokenInfo | None:
-    row = conn.execute(_TOKEN_QUERY, {"digest": digest}).first()
-    return TokenInfo(row.user_id, row.device_id) if row else None
+def _get_tokens_txn(
+    conn: Connection, digests: list[str]
+) -> dict[str, TokenInfo | None]:
+    """The live tokens among ``digests`` (hashed tokens) and whose they are;
+    unknown ones and those of deactivated accounts are left out."""
+    return {
+        digest: TokenInfo(user_id, device_id)
+        for digest, user_id, device_id in _TOKENS.rows(conn, {"digests": digests})
+    }
 
 
 def _delete_device_txn(conn: Connection, user_id: str, device_id: str) -> None:
@@ -214,6 +224,12 @@ class AccountStore:
         # like a device); concurrent uploads share the read.
         self._device_ids: BatchedReader[str, set[str]] = BatchedReader(
             db, "get_device_ids", _device_ids_txn, set
+        )
+        # Every request whose token is not in the cache reads it: concurrent
+        # requests (many clients each making its first request, or coming
+        # back after token_cache_ms) share the read.
+        self._tokens: BatchedReader[str, TokenInfo | None] = BatchedReader(
+            db, "get_token", _get_tokens_txn, lambda: None
         )
 
     def get_user(self, user_id: str) -> defer.Deferred[User | None]:
@@ -378,9 +394,7 @@ class AccountStore:
             if cached is not None:
                 return cached
             generation = cache.generation
-        info: TokenInfo | None = await self._db.run_read(
-            "get_token", _get_token_txn, digest
-        )
+        info = await self._tokens.get(digest)
         if cache is not None and info is not None:
             cache.put(digest, info, generation)
         return info
