@@ -145,6 +145,30 @@ class DatabaseTestCase(unittest.TestCase):
         raise OperationalError("x", None, _FakePgError("deadlock", sqlstate))
 
 
+class PreparedStatementsTest(DatabaseTestCase):
+    """On PostgreSQL no statement is prepared on the server: each run is
+    planned for its own parameters (no generic plan outlives the table sizes
+    it was made for)."""
+
+    async def test_statements_are_not_prepared(self) -> None:
+        if not self.is_postgres:
+            raise unittest.SkipTest("PostgreSQL only")
+        ids = RawStatement(
+            select(host_users.c.user_id).where(any_of(host_users.c.user_id, "users"))
+        )
+
+        def txn(conn: Connection) -> int:
+            for _ in range(10):  # psycopg prepares by default after 5
+                ids.rows(conn, {"users": ["@a:x", "@b:x"]})
+                conn.execute(select(host_users.c.user_id)).all()
+            prepared = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_prepared_statements"
+            ).scalar_one()
+            return int(prepared)
+
+        self.assertEqual(await self.db.run("statements", txn), 0)
+
+
 class RunTest(DatabaseTestCase):
     """Database.run: where the work runs and what one run commits."""
 

@@ -124,6 +124,17 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
     ):
         # A bare postgresql:// URL means psycopg 3, the driver we ship with.
         url = url.set(drivername="postgresql+psycopg")
+    connect_args: dict[str, Any] = {}
+    if url.get_driver_name() == "psycopg":
+        # Every statement planned for its own parameters, as psycopg 2 (and
+        # Synapse) do: psycopg 3 otherwise prepares a statement on the server
+        # after 5 runs, and PostgreSQL may then keep one generic plan for it.
+        # A plan made while a table was nearly empty stays in use as the table
+        # grows (until an ANALYZE): W3 of the benchmark fell to half its speed
+        # after W1 and W2 had filled the tables, the server process waiting on
+        # the database. The same arrays of 1 or 500 user ids also share one
+        # generic plan. Planning each time measured within the noise.
+        connect_args["prepare_threshold"] = None
     try:
         engine = create_engine(
             url,
@@ -131,6 +142,7 @@ def create_db_engine(config: DatabaseConfig) -> Engine:
             max_overflow=SPARE_CONNECTIONS,
             pool_pre_ping=True,
             isolation_level="READ COMMITTED",
+            connect_args=connect_args,
         )
     except ImportError as e:
         raise ConfigError(
