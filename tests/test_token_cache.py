@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import Engine, delete, update
 
 from twisted.internet import defer
 from twisted.internet.task import Clock as FakeReactor
@@ -19,6 +19,17 @@ from tests.utils import HostTestCase
 WHOAMI = "/_matrix/client/v3/account/whoami"
 ADMIN_USERS = "/_synapse/client/xsign/admin/v1/users/"
 INFO = TokenInfo("@a:test", "DEV")
+
+
+def deactivate_row(engine: Engine, user_id: str) -> None:
+    """Deactivate an account behind the host's back (as another process
+    would, without clearing this process's cache)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(host_users)
+            .where(host_users.c.user_id == user_id)
+            .values(deactivated=True)
+        )
 
 
 class TokenCacheUnitTest(unittest.TestCase):
@@ -160,12 +171,7 @@ class LoginTokenCacheTest(_HostWithCache):
         """An account deactivated behind this process's back before the login
         commits: its new token is not remembered, and a read refuses it."""
         user_id = await self.make_user("alice")
-        with self.db.engine.begin() as conn:
-            conn.execute(
-                update(host_users)
-                .where(host_users.c.user_id == user_id)
-                .values(deactivated=True)
-            )
+        deactivate_row(self.db.engine, user_id)
         token, _ = await self.host.accounts.login(user_id, "ADEV", None, 0)
         self.assertEqual(await self.whoami(token), 401)
 
@@ -216,12 +222,7 @@ class SharedTokenReadTest(HostTestCase):
         alice = await self.user_with_device("alice", "ADEV")
         bob = await self.user_with_device("bob", "BDEV")
         carol = await self.user_with_device("carol", "CDEV")
-        with self.db.engine.begin() as conn:
-            conn.execute(
-                update(host_users)
-                .where(host_users.c.user_id == carol.user_id)
-                .values(deactivated=True)
-            )
+        deactivate_row(self.db.engine, carol.user_id)
         accounts = self.host.accounts
         tokens = [alice.token, bob.token, carol.token, "unknown", alice.token]
         before = self.db.transactions
