@@ -5,19 +5,29 @@ treq's Agent costs the bench about as much CPU per request as a small request
 costs the server, and the bench shares the machine with the server it measures;
 this client leaves the cores to the server. It speaks just enough HTTP/1.1 for
 the homeservers under test: ``Content-Length`` and chunked bodies, ``Connection:
-close``, and a fresh connection whenever a kept one has gone away.
+close``, and a fresh connection whenever a kept one has gone away, or has
+been idle long enough for the server to be closing it.
 """
 
 from __future__ import annotations
 
+import time
 import typing
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+
+#: Seconds a kept connection may stay idle and still be reused. Servers close
+#: idle connections (Twisted's web server, the embedded host's, after 60 s by
+#: default); a request written just as the server closes is lost ("connection
+#: lost: Connection was closed cleanly"). With ``--interleave`` a target's
+#: connections stay idle while the other targets run their cells.
+MAX_IDLE = 30.0
 
 
 class WireError(Exception):
@@ -41,6 +51,8 @@ class _Connection(Protocol):
         self._waiting: defer.Deferred[tuple[int, bytes]] | None = None
         self._reset()
         self.usable = True
+        #: When the connection last became idle (the pool's clock).
+        self.idle_since = 0.0
 
     def _reset(self) -> None:
         self._status: int | None = None
@@ -151,20 +163,32 @@ class WirePool:
         host: the server's host name or address.
         port: its port.
         timeout: seconds before a request is given up.
+        max_idle: seconds after which an idle connection is closed rather than
+            reused (see :data:`MAX_IDLE`).
+        clock: the time in seconds (monotonic).
     """
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        max_idle: float = MAX_IDLE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._host = host
         self._port = port
         self._timeout = timeout
+        self._max_idle = max_idle
+        self._clock = clock
         self._idle: deque[_Connection] = deque()
         self._all: set[_Connection] = set()
         self._host_header = f"{host}:{port}".encode("ascii")
 
     async def open(self, n: int) -> None:
         """Have at least ``n`` kept connections: idle ones are reused first."""
-        usable = [c for c in self._idle if c.usable and c.transport is not None]
-        missing = n - len(usable)
+        self._drop_unusable()
+        missing = n - len(self._idle)
         if missing <= 0:
             return
         new = await defer.gatherResults(
@@ -173,11 +197,28 @@ class WirePool:
         )
         self._idle.extend(new)
 
+    def _reusable(self, conn: _Connection) -> bool:
+        return (
+            conn.usable
+            and conn.transport is not None
+            and self._clock() - conn.idle_since <= self._max_idle
+        )
+
+    def _drop_unusable(self) -> None:
+        """Close and forget the idle connections that may not be reused."""
+        keep = [c for c in self._idle if self._reusable(c)]
+        for conn in self._idle:
+            if conn not in keep:
+                self._all.discard(conn)
+                conn.close()
+        self._idle = deque(keep)
+
     async def _connect(self) -> _Connection:
         """A new kept connection."""
         r: Any = reactor
         endpoint = TCP4ClientEndpoint(r, self._host, self._port, timeout=30)
         conn: _Connection = await connectProtocol(endpoint, _Connection())
+        conn.idle_since = self._clock()
         self._all.add(conn)
         return conn
 
@@ -187,9 +228,10 @@ class WirePool:
         # (the kernel hands each connection to one of them).
         while self._idle:
             conn = self._idle.popleft()
-            if conn.usable and conn.transport is not None:
+            if self._reusable(conn):
                 return conn
             self._all.discard(conn)
+            conn.close()
         return await self._connect()
 
     def encode(
@@ -220,6 +262,7 @@ class WirePool:
             if timer.active():
                 timer.cancel()
         if conn.usable:
+            conn.idle_since = self._clock()
             self._idle.append(conn)
         else:
             self._all.discard(conn)
