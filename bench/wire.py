@@ -206,12 +206,18 @@ class WirePool:
 
     def _drop_unusable(self) -> None:
         """Close and forget the idle connections that may not be reused."""
-        keep = [c for c in self._idle if self._reusable(c)]
+        keep: deque[_Connection] = deque()
         for conn in self._idle:
-            if conn not in keep:
-                self._all.discard(conn)
-                conn.close()
-        self._idle = deque(keep)
+            if self._reusable(conn):
+                keep.append(conn)
+            else:
+                self._forget(conn)
+        self._idle = keep
+
+    def _forget(self, conn: _Connection) -> None:
+        """Close a connection and never hand it out again."""
+        self._all.discard(conn)
+        conn.close()
 
     async def _connect(self) -> _Connection:
         """A new kept connection."""
@@ -230,8 +236,7 @@ class WirePool:
             conn = self._idle.popleft()
             if self._reusable(conn):
                 return conn
-            self._all.discard(conn)
-            conn.close()
+            self._forget(conn)
         return await self._connect()
 
     def encode(
@@ -255,8 +260,7 @@ class WirePool:
         try:
             result = await d
         except BaseException:
-            self._all.discard(conn)
-            conn.close()
+            self._forget(conn)
             raise
         finally:
             if timer.active():
@@ -265,8 +269,7 @@ class WirePool:
             conn.idle_since = self._clock()
             self._idle.append(conn)
         else:
-            self._all.discard(conn)
-            conn.close()
+            self._forget(conn)
         return result
 
     def close(self) -> None:
