@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q", type=_int_list, help="W6 users queried (1,50,500)")
     p.add_argument("--claim-devices", type=int, help="W7 devices per claim (50)")
     p.add_argument(
+        "--w4-users",
+        type=_positive,
+        help="W4 users per worker, each signing once per timed segment (4; quick 1)",
+    )
+    p.add_argument(
         "--setup-concurrency", type=int, help="requests in flight while preparing (16)"
     )
     p.add_argument(
@@ -218,6 +223,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("m", "m_sizes"),
         ("q", "q_sizes"),
         ("claim_devices", "claim_devices"),
+        ("w4_users", "w4_users"),
         ("setup_concurrency", "setup_concurrency"),
         ("crypto_signatures", "crypto_signatures"),
         ("repeat", "repeat"),

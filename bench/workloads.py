@@ -315,6 +315,13 @@ class W4SignOwnDevices(Workload):
     window, or with password UIA on Synapse), so the server must verify all K. Signing the same devices with the
     same key again would send identical (ed25519 is deterministic) signatures,
     which a server may recognise as already stored and not verify at all.
+
+    So that the replacements stay out of the timed segments, a segment sends
+    one request per user, each with the user's new key. Each worker has
+    ``w4_users`` users: a segment then holds ``w4_users`` requests per worker,
+    taken from one queue, and the pipeline runs down (fewer than
+    ``concurrency`` requests in flight, while the last ones finish) once per
+    segment rather than after every round of one request per worker.
     """
 
     key = "W4"
@@ -324,13 +331,14 @@ class W4SignOwnDevices(Workload):
     consumable = True
 
     async def setup(self) -> None:
-        """One user per worker with max(K) devices with keys, and an identity."""
+        """``w4_users`` users per worker with max(K) devices with keys, and an
+        identity."""
         k_max = max(self.settings.k_sizes)
         users: list[BenchUser] | None = self.target.shared.get("w4")
         if users is None:
             started = time.monotonic()
             users = await self.target.make_users(
-                self.max_concurrency,
+                self.max_concurrency * self.settings.w4_users,
                 "w4",
                 devices=k_max,
                 device_keys=True,
@@ -344,14 +352,15 @@ class W4SignOwnDevices(Workload):
         self._users = users
 
     def begin_cell(self, concurrency: int) -> None:
-        """Worker ``w`` uses user ``w``; nobody has signed with a new key yet."""
-        self._used = self._users[:concurrency]
+        """The cell uses ``w4_users`` users per worker; nobody has signed with a
+        new key yet."""
+        self._used = self._users[: concurrency * self.settings.w4_users]
         #: user id -> the SSK public key whose signatures were answered 200.
         self._signed: dict[str, str] = {}
 
     def first_batch(self, concurrency: int) -> int:
-        """One request per worker (each user has one new key at a time)."""
-        return concurrency
+        """One request per user of the cell (each has one new key at a time)."""
+        return concurrency * self.settings.w4_users
 
     async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
         """A new SSK for up to ``n`` of the cell's users, then one request each

@@ -115,6 +115,28 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertTrue(data["settings"]["interleave"])
         self.assertEqual([t["name"] for t in data["targets"]], ["one", "two"])
 
+    def test_w4_segments_hold_a_request_per_user(self) -> None:
+        """With --w4-users 3 a W4 segment sends one request for each of the
+        worker's 3 users (each with a new key), not one per worker: 7
+        requests at c=1 take 3 segments (3, 3, 1), and every one verifies."""
+        data, _, log = self.run_bench(
+            "--no-crypto",
+            "--workloads",
+            "W4",
+            "--k",
+            "3",
+            "--w4-users",
+            "3",
+            "--requests",
+            "7",
+        )
+        (cell,) = data["cells"]
+        self.assertEqual(cell["requests_ok"], 7, log)
+        self.assertEqual(cell["segments"], 3, log)
+        self.assertEqual(cell["errors"], 0, cell["error_samples"])
+        self.assertTrue(cell["verified"], cell["verify_problems"])
+        self.assertEqual(data["settings"]["w4_users"], 3)
+
     def test_verifier_rejects_a_forged_signature(self) -> None:
         """A read-back whose SSK signature is corrupt fails verification."""
         book = KeyBook()
