@@ -6,15 +6,66 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
+
 # One encoder of each kind, built once: json.dumps() with options builds a new
 # JSONEncoder on every call, which costs more than encoding a small key.
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+def _has_float(value: Any) -> bool:
+    kind = type(value)
+    if kind is dict:
+        return any(_has_float(v) for v in value.values())
+    if kind is list or kind is tuple:
+        return any(_has_float(v) for v in value)
+    return kind is float
+
+
+def _fast_canonical(value: Any) -> bytes | None:
+    """Canonical JSON bytes from orjson, or None where only the standard
+    encoder's are sure to be right.
+
+    For JSON values without floats orjson writes the same bytes as
+    :data:`_CANONICAL` (keys sorted by code point, the same escapes, UTF-8),
+    several times faster. Floats are written differently (``1e16`` against
+    ``1e+16``); whatever orjson refuses (a lone surrogate, an integer beyond 64
+    bits, a key that is not a string, nesting past its limit) is left to the
+    standard encoder too, which then behaves as it always did.
+    """
+    try:
+        if _has_float(value):
+            return None
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError, RecursionError):
+        return None
+
+
 def canonical_json(value: Any) -> str:
     """Encode ``value`` as Matrix canonical JSON text (sorted keys, compact)."""
-    return _CANONICAL.encode(value)
+    fast = _fast_canonical(value)
+    return fast.decode("utf-8") if fast is not None else _CANONICAL.encode(value)
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """``canonical_json(value)`` as UTF-8, what a signature covers."""
+    fast = _fast_canonical(value)
+    return fast if fast is not None else _CANONICAL.encode(value).encode("utf-8")
+
+
+def load_stored(text: str) -> Any:
+    """Parse JSON text the module wrote itself: ``json.loads(text)``.
+
+    orjson parses it in about a third of the time. It reads an integer beyond
+    64 bits as a float, so text that parses to any float, and text orjson
+    refuses, are parsed by ``json.loads`` instead.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    return json.loads(text) if _has_float(value) else value
 
 
 def compact_json(value: Any) -> str:
@@ -25,7 +76,7 @@ def compact_json(value: Any) -> str:
 def body_hash(body: dict[str, Any]) -> str:
     """SHA-256 of a request body's canonical JSON, without its ``auth``."""
     rest = {k: v for k, v in body.items() if k != "auth"}
-    return hashlib.sha256(canonical_json(rest).encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_bytes(rest)).hexdigest()
 
 
 def strip_signatures(obj: dict[str, Any]) -> dict[str, Any]:

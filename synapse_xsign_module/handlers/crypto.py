@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import binascii
 import functools
-import json
 import threading
 from typing import Any
 
@@ -20,7 +19,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from unpaddedbase64 import decode_base64, encode_base64
 
-from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
+from synapse_xsign_module.jsonutil import canonical_bytes, load_stored, strip_signatures
 
 try:  # PyNaCl's compiled libsodium binding; the public API is the fallback.
     from nacl._sodium import ffi as _sodium_ffi
@@ -48,7 +47,7 @@ def is_ed25519_public_key(value: str) -> bool:
 
 def signed_bytes(obj: dict[str, Any]) -> bytes:
     """The bytes a signature over ``obj`` covers (UTF-8 canonical JSON)."""
-    return canonical_json(strip_signatures(obj)).encode("utf-8")
+    return canonical_bytes(strip_signatures(obj))
 
 
 @functools.lru_cache(maxsize=8192)
@@ -56,8 +55,8 @@ def stored_content(stored_json: str) -> tuple[dict[str, Any], bytes]:
     """A stored key without ``signatures`` and ``unsigned``, parsed, and its
     :func:`signed_bytes`; remembered by its JSON text. Callers must not change
     the object."""
-    obj = strip_signatures(json.loads(stored_json))
-    return obj, canonical_json(obj).encode("utf-8")
+    obj = strip_signatures(load_stored(stored_json))
+    return obj, canonical_bytes(obj)
 
 
 @functools.lru_cache(maxsize=4096)
