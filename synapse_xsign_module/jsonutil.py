@@ -15,12 +15,31 @@ _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _has_float(value: Any) -> bool:
+    """Whether a parsed JSON value holds a float anywhere (a loop per
+    container: most items are strings, and a call for each would cost more
+    than the test)."""
     kind = type(value)
     if kind is dict:
-        return any(_has_float(v) for v in value.values())
-    if kind is list or kind is tuple:
-        return any(_has_float(v) for v in value)
-    return kind is float
+        items: Any = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return kind is float
+    for item in items:
+        kind = type(item)
+        if kind is float:
+            return True
+        if (kind is dict or kind is list or kind is tuple) and _has_float(item):
+            return True
+    return False
+
+
+def _sorted_dumps(value: Any) -> bytes | None:
+    """orjson's bytes with sorted keys, or None where it refuses ``value``."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
 
 
 def _fast_canonical(value: Any) -> bytes | None:
@@ -37,9 +56,9 @@ def _fast_canonical(value: Any) -> bytes | None:
     try:
         if _has_float(value):
             return None
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except (orjson.JSONEncodeError, TypeError, RecursionError):
+    except RecursionError:
         return None
+    return _sorted_dumps(value)
 
 
 def canonical_json(value: Any) -> str:
@@ -54,18 +73,38 @@ def canonical_bytes(value: Any) -> bytes:
     return fast if fast is not None else _CANONICAL.encode(value).encode("utf-8")
 
 
+def _load_without_floats(text: str) -> Any:
+    """orjson's parse of ``text``, or None if it refuses it or the value holds
+    a float (orjson reads an integer beyond 64 bits as one too)."""
+    try:
+        value = orjson.loads(text)
+        return None if _has_float(value) else value
+    except (orjson.JSONDecodeError, RecursionError):
+        return None
+
+
 def load_stored(text: str) -> Any:
     """Parse JSON text the module wrote itself: ``json.loads(text)``.
 
-    orjson parses it in about a third of the time. It reads an integer beyond
-    64 bits as a float, so text that parses to any float, and text orjson
-    refuses, are parsed by ``json.loads`` instead.
+    orjson parses it in about a third of the time; text that parses to a
+    float, and text orjson refuses, are parsed by ``json.loads`` instead.
     """
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-    return json.loads(text) if _has_float(value) else value
+    value = _load_without_floats(text)
+    return json.loads(text) if value is None else value
+
+
+def signed_content(text: str) -> tuple[Any, bytes]:
+    """A stored signed object's JSON text parsed without its ``signatures``
+    and ``unsigned``, and the canonical bytes a signature over it covers:
+    ``strip_signatures(json.loads(text))`` and its :func:`canonical_bytes`,
+    with the value looked at for floats once rather than twice."""
+    value = _load_without_floats(text)
+    if value is None:
+        obj = strip_signatures(json.loads(text))
+        return obj, _CANONICAL.encode(obj).encode("utf-8")
+    obj = strip_signatures(value)
+    fast = _sorted_dumps(obj)
+    return obj, fast if fast is not None else _CANONICAL.encode(obj).encode("utf-8")
 
 
 def compact_json(value: Any) -> str:

@@ -8,7 +8,13 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from synapse_xsign_module.jsonutil import canonical_bytes, canonical_json, load_stored
+from synapse_xsign_module.jsonutil import (
+    canonical_bytes,
+    canonical_json,
+    load_stored,
+    signed_content,
+    strip_signatures,
+)
 
 
 def standard(value: Any) -> str:
@@ -61,6 +67,7 @@ class CanonicalJsonTest(unittest.TestCase):
             self.assertEqual(canonical_json(value), text)
             self.assertEqual(canonical_bytes(value), text.encode("utf-8"))
             self.assertEqual(load_stored(text), value)
+            self.assertEqual(signed_content(text), (value, text.encode("utf-8")))
 
     def test_key_order_is_by_code_point(self) -> None:
         value = {"\U0001f511": 1, "\uffff": 2, "z": 3, "\u00e9": 4, "Z": 5, "": 6}
@@ -101,3 +108,19 @@ class CanonicalJsonTest(unittest.TestCase):
             self.assertEqual(standard(value), standard(json.loads(text)))
         with self.assertRaises(ValueError):
             load_stored("{not json")
+
+    def test_signed_content_matches_the_standard_library(self) -> None:
+        """Parsed without signatures and unsigned, and the canonical bytes of
+        that, for stored text with floats, big integers or whitespace too."""
+        for text in (
+            '{"keys":{"ed25519:D":"k"},"signatures":{"@a:x":{"ed25519:D":"s"}}}',
+            '{"n":1e16,"unsigned":{"x":1},"z":[0.5]}',
+            '{"big":123456789012345678901234567890,"signatures":{}}',
+            '{ "n" : [ 1 , 2.5e-7 ] , "s" : "caf\u00e9" }',
+        ):
+            expected = strip_signatures(json.loads(text))
+            self.assertEqual(
+                signed_content(text),
+                (expected, standard(expected).encode("utf-8")),
+                text,
+            )

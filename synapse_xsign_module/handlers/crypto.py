@@ -19,7 +19,11 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from unpaddedbase64 import decode_base64, encode_base64
 
-from synapse_xsign_module.jsonutil import canonical_bytes, load_stored, strip_signatures
+from synapse_xsign_module.jsonutil import (
+    canonical_bytes,
+    signed_content,
+    strip_signatures,
+)
 
 try:  # PyNaCl's compiled libsodium binding; the public API is the fallback.
     from nacl._sodium import ffi as _sodium_ffi
@@ -55,8 +59,7 @@ def stored_content(stored_json: str) -> tuple[dict[str, Any], bytes]:
     """A stored key without ``signatures`` and ``unsigned``, parsed, and its
     :func:`signed_bytes`; remembered by its JSON text. Callers must not change
     the object."""
-    obj = strip_signatures(load_stored(stored_json))
-    return obj, canonical_bytes(obj)
+    return signed_content(stored_json)
 
 
 @functools.lru_cache(maxsize=4096)
