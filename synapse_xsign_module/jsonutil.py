@@ -83,16 +83,6 @@ def _load_without_floats(text: str) -> Any:
         return None
 
 
-def load_stored(text: str) -> Any:
-    """Parse JSON text the module wrote itself: ``json.loads(text)``.
-
-    orjson parses it in about a third of the time; text that parses to a
-    float, and text orjson refuses, are parsed by ``json.loads`` instead.
-    """
-    value = _load_without_floats(text)
-    return json.loads(text) if value is None else value
-
-
 def signed_content(text: str) -> tuple[Any, bytes]:
     """A stored signed object's JSON text parsed without its ``signatures``
     and ``unsigned``, and the canonical bytes a signature over it covers:
