@@ -67,10 +67,15 @@ def canonical_json(value: Any) -> str:
     return fast.decode("utf-8") if fast is not None else _CANONICAL.encode(value)
 
 
+def _standard_bytes(value: Any) -> bytes:
+    """Canonical JSON bytes from the standard encoder."""
+    return _CANONICAL.encode(value).encode("utf-8")
+
+
 def canonical_bytes(value: Any) -> bytes:
     """``canonical_json(value)`` as UTF-8, what a signature covers."""
     fast = _fast_canonical(value)
-    return fast if fast is not None else _CANONICAL.encode(value).encode("utf-8")
+    return fast if fast is not None else _standard_bytes(value)
 
 
 def _load_without_floats(text: str) -> Any:
@@ -91,10 +96,10 @@ def signed_content(text: str) -> tuple[Any, bytes]:
     value = _load_without_floats(text)
     if value is None:
         obj = strip_signatures(json.loads(text))
-        return obj, _CANONICAL.encode(obj).encode("utf-8")
+        return obj, _standard_bytes(obj)
     obj = strip_signatures(value)
-    fast = _sorted_dumps(obj)
-    return obj, fast if fast is not None else _CANONICAL.encode(obj).encode("utf-8")
+    fast = _sorted_dumps(obj)  # no float: looked at as it was parsed
+    return obj, fast if fast is not None else _standard_bytes(obj)
 
 
 def compact_json(value: Any) -> str:
