@@ -360,7 +360,7 @@ class W4SignOwnDevices(Workload):
 
     def first_batch(self, concurrency: int) -> int:
         """One request per user of the cell (each has one new key at a time)."""
-        return concurrency * self.settings.w4_users
+        return len(self._used)
 
     async def prepare(self, n: int | None, concurrency: int) -> UnitSource:
         """A new SSK for up to ``n`` of the cell's users, then one request each
