@@ -113,6 +113,20 @@ def body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_bytes(rest)).hexdigest()
 
 
+def signed_digest(signed: bytes) -> str:
+    """SHA-256 (hex) of the bytes a signature covers: what a stored key keeps
+    so that an uploaded copy can be compared with it without parsing the
+    stored JSON (see :func:`signed_hash`)."""
+    return hashlib.sha256(signed).hexdigest()
+
+
+def signed_hash(obj: dict[str, Any]) -> str:
+    """:func:`signed_digest` of a signed object's canonical JSON without its
+    ``signatures`` and ``unsigned``: equal for two objects exactly when a
+    signature over one covers the other."""
+    return signed_digest(canonical_bytes(strip_signatures(obj)))
+
+
 def strip_signatures(obj: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of a signed object without ``signatures`` and ``unsigned``."""
     return {k: v for k, v in obj.items() if k not in ("signatures", "unsigned")}

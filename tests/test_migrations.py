@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -12,6 +14,7 @@ from typing import Any
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from canonicaljson import encode_canonical_json
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, inspect, text
 from sqlalchemy.exc import IntegrityError
 
@@ -115,7 +118,7 @@ class MigrationTest(FreshDatabaseMixin, unittest.TestCase):
         """After the upgrade the recorded revision is the newest shipped one."""
         engine = self.make_fresh_engine()
         head = migrate.head_revision()
-        self.assertEqual(head, "0002")
+        self.assertEqual(head, "0003")
         migrate.upgrade(engine)
         self.assertEqual(migrate.current_revision(engine), head)
         with engine.connect() as conn:
@@ -224,6 +227,59 @@ class MigrationTest(FreshDatabaseMixin, unittest.TestCase):
                 text("SELECT user_id, version FROM xsign_key_versions")
             ).all()
         self.assertEqual(sorted(map(tuple, rows)), [("@cs:x", 1), ("@dev:x", 1)])
+
+    def test_device_keys_get_their_signed_hash(self) -> None:
+        """Migrating device keys stored before 0003 fills in the hash of what a
+        signature over each covers, across several batches."""
+        engine = self.make_fresh_engine()
+        migrate.upgrade(engine, "0002")
+        stored = {}
+        for i in range(2_100):  # three batches of the migration's 1,000
+            device_id = f"D{i:05d}"
+            keys = {
+                "device_id": device_id,
+                "keys": {f"ed25519:{device_id}": f"key{i}"},
+                "user_id": "@a:x",
+                "signatures": {"@a:x": {f"ed25519:{device_id}": f"sig{i}"}},
+            }
+            if i % 2:
+                keys["unsigned"] = {"device_display_name": "phone"}
+            stored[device_id] = keys
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO xsign_device_keys"
+                    " (user_id, device_id, key_json, ts_added_ms)"
+                    " VALUES ('@a:x', :d, :j, 1)"
+                ),
+                [{"d": d, "j": json.dumps(k)} for d, k in stored.items()],
+            )
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            rows = dict(
+                conn.execute(
+                    text("SELECT device_id, signed_hash FROM xsign_device_keys")
+                ).all()
+            )
+        expected = {
+            d: hashlib.sha256(
+                encode_canonical_json(
+                    {
+                        k: v
+                        for k, v in keys.items()
+                        if k not in ("signatures", "unsigned")
+                    }
+                )
+            ).hexdigest()
+            for d, keys in stored.items()
+        }
+        self.assertEqual(rows, expected)
+        cfg = migrate.alembic_config()
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002")
+        columns = {c["name"] for c in inspect(engine).get_columns("xsign_device_keys")}
+        self.assertNotIn("signed_hash", columns)
 
     def test_alembic_env_refuses_to_run_without_connection(self) -> None:
         """The migrations refuse the plain alembic command line (no connection given)."""

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import multiprocessing
 from typing import Any
 
+from canonicaljson import encode_canonical_json
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import event, func, select
 
 from twisted.internet import defer
 
+from synapse_xsign_module.handlers import signatures as handler_signatures
 from synapse_xsign_module.storage import signatures as storage_signatures
-from synapse_xsign_module.storage.schema import signatures
+from synapse_xsign_module.storage.schema import device_keys, signatures
 from tests.test_cross_signing import CrossSigningTestBase
 from tests.utils import TestUser, make_device_keys, public_key
 
@@ -144,13 +147,14 @@ class AcceptedKindsTest(SignatureTestBase):
     def record_device_reads(self) -> list[dict[str, list[str]]]:
         """The device-key reads of signature uploads' context, as they happen."""
         seen: list[dict[str, list[str]]] = []
-        real = storage_signatures.get_device_keys_txn
+        real = storage_signatures.get_signable_devices_txn
 
-        def recording(conn: Any, query: dict[str, list[str]]) -> Any:
-            seen.append(query)
-            return real(conn, query)
+        def recording(conn: Any, user_id: str, device_ids: list[str]) -> Any:
+            if device_ids:
+                seen.append({user_id: device_ids})
+            return real(conn, user_id, device_ids)
 
-        self.patch(storage_signatures, "get_device_keys_txn", recording)
+        self.patch(storage_signatures, "get_signable_devices_txn", recording)
         return seen
 
     async def test_only_devices_an_upload_may_involve_are_read(self) -> None:
@@ -608,6 +612,7 @@ class LargeRequestTest(SignatureTestBase):
         from synapse_xsign_module.storage.device_keys import (
             MANY_DEVICES,
             get_device_keys_txn,
+            get_signable_devices_txn,
             upload_txn,
         )
 
@@ -625,6 +630,11 @@ class LargeRequestTest(SignatureTestBase):
                 )
             self.assertEqual(set(got), {alice.user_id})
             self.assertEqual(set(got[alice.user_id]), set(wanted) - {"NOSUCH"})
+            with self.db.engine.begin() as conn:
+                signable = get_signable_devices_txn(conn, alice.user_id, wanted)
+            self.assertEqual(
+                {d: s.key_json for d, s in signable.items()}, got[alice.user_id]
+            )
 
     async def test_thousand_devices(self) -> None:
         """The SSK signs 1000 devices in one request; every signature is served."""
@@ -865,7 +875,11 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
         alice = await self.ready_user("alice")
         bob = await self.ready_user("bob")
         reads: list[str] = []
-        for name in ("get_device_keys_txn", "get_current_txn"):
+        for name in (
+            "get_device_keys_txn",
+            "get_signable_devices_txn",
+            "get_current_txn",
+        ):
             real = getattr(storage_signatures, name)
 
             def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
@@ -881,4 +895,120 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
         self.assertEqual(await self.sign_upload(alice, body), {})
         self.assertEqual(self.signature_rows(), 2)
         # Once each, by the read the verification is based on.
-        self.assertEqual(sorted(reads), ["get_current_txn", "get_device_keys_txn"])
+        self.assertEqual(sorted(reads), ["get_current_txn", "get_signable_devices_txn"])
+
+
+def expected_signed_hash(device_keys: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON a signature over ``device_keys``
+    covers, made with canonicaljson (as signedjson signs), not the module."""
+    unsigned = {
+        k: v for k, v in device_keys.items() if k not in ("signatures", "unsigned")
+    }
+    return hashlib.sha256(encode_canonical_json(unsigned)).hexdigest()
+
+
+class SignedHashTest(SignatureTestBase):
+    """Stored device keys keep the hash of what a signature over them covers,
+    and an upload whose object has it is not compared by parsing the stored
+    JSON; a row without the hash (written before it was kept) still works."""
+
+    def stored_hash(self, user: TestUser) -> str | None:
+        with self.db.engine.connect() as conn:
+            value = conn.execute(
+                select(device_keys.c.signed_hash).where(
+                    device_keys.c.user_id == user.user_id,
+                    device_keys.c.device_id == user.device_id,
+                )
+            ).scalar_one()
+        return value if value is None else str(value)
+
+    def forget_hash(self, user: TestUser) -> None:
+        """Make the user's device row one an older version wrote."""
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                device_keys.update()
+                .where(device_keys.c.user_id == user.user_id)
+                .values(signed_hash=None)
+            )
+
+    def record_parsed_comparisons(self) -> list[str]:
+        """The stored keys compared by parsing their JSON, as it happens."""
+        seen: list[str] = []
+        real = handler_signatures._same_content
+
+        def recording(obj: Any, stored_json: str, what: str) -> Any:
+            seen.append(what)
+            return real(obj, stored_json, what)
+
+        self.patch(handler_signatures, "_same_content", recording)
+        return seen
+
+    async def test_upload_keeps_the_hash_of_the_signed_bytes(self) -> None:
+        """The hash is that of the bytes signatures cover, and follows new keys."""
+        alice = await self.ready_user("alice")
+        first = self.stored_hash(alice)
+        self.assertEqual(first, expected_signed_hash(alice.device_keys()))
+        alice.device_key = generate_signing_key(alice.device_id)
+        new_keys = alice.device_keys()
+        resp = await self.client.post(
+            KEYS_UPLOAD, {"device_keys": new_keys}, token=alice.token
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(self.stored_hash(alice), expected_signed_hash(new_keys))
+        self.assertNotEqual(self.stored_hash(alice), first)
+
+    async def test_matching_object_is_not_parsed_from_storage(self) -> None:
+        """An upload of the stored object is matched by its hash: the stored JSON
+        is not parsed, the signature is verified and served; a bad one is
+        still refused."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        seen = self.record_parsed_comparisons()
+        signed = self.ssk_signed_device(alice)
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: signed}}
+        )
+        self.assertEqual(failures, {})
+        self.assertEqual(seen, [])
+        ssk_id = f"ed25519:{public_key(alice.self_signing)}"
+        served = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertEqual(
+            sig_of(served, alice.user_id, ssk_id), sig_of(signed, alice.user_id, ssk_id)
+        )
+        # Bob's stored object carrying a signature over other bytes.
+        forged = self.ssk_signed_device(bob)
+        bob_ssk_id = f"ed25519:{public_key(bob.self_signing)}"
+        forged["signatures"][bob.user_id][bob_ssk_id] = sig_of(
+            signed, alice.user_id, ssk_id
+        )
+        failures = await self.sign_upload(bob, {bob.user_id: {bob.device_id: forged}})
+        self.assertEqual(
+            failures[bob.user_id][bob.device_id]["errcode"], "M_INVALID_SIGNATURE"
+        )
+        self.assertEqual(seen, [])
+        self.assertEqual(self.signature_rows(), 1)
+
+    async def test_row_without_hash_is_compared_as_parsed_json(self) -> None:
+        """A row an older version wrote (no hash) is compared as before."""
+        alice = await self.ready_user("alice")
+        self.forget_hash(alice)
+        seen = self.record_parsed_comparisons()
+        # A different object is still found different ...
+        changed = {**alice.device_keys(), "extra": 1}
+        failures = await self.sign_upload(
+            alice,
+            {alice.user_id: {alice.device_id: self.ssk_signed_device(alice, changed)}},
+        )
+        self.assertEqual(
+            failures[alice.user_id][alice.device_id]["errcode"], "M_INVALID_PARAM"
+        )
+        # ... and the stored one is signed.
+        failures = await self.sign_upload(
+            alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        )
+        self.assertEqual(failures, {})
+        self.assertEqual(seen, [f"keys of device {alice.device_id}"] * 2)
+        self.assertEqual(self.signature_rows(), 1)
+        self.assertIsNone(self.stored_hash(alice))

@@ -33,7 +33,7 @@ from synapse_xsign_module.handlers.validation import (
 from synapse_xsign_module.handlers.verification import SignatureVerifier
 from synapse_xsign_module.host import Host, Requester
 from synapse_xsign_module.http.base import JsonDict
-from synapse_xsign_module.jsonutil import equal_apart_from_signatures
+from synapse_xsign_module.jsonutil import equal_apart_from_signatures, signed_digest
 from synapse_xsign_module.storage.cross_signing import (
     MASTER,
     SELF_SIGNING,
@@ -41,6 +41,7 @@ from synapse_xsign_module.storage.cross_signing import (
     CurrentKeys,
     StoredKey,
 )
+from synapse_xsign_module.storage.device_keys import SignableDevice
 from synapse_xsign_module.storage.signatures import (
     Basis,
     PendingSignature,
@@ -101,17 +102,19 @@ class _OwnKeys(NamedTuple):
         user_id: the uploader.
         master: the current master key, if any.
         self_signing: the current self-signing key, if any.
-        devices: the uploader's devices the upload mentions (device id -> key
-            JSON), those that have keys.
+        devices: the uploader's devices the upload mentions (device id -> its
+            stored keys), those that have keys.
     """
 
     user_id: str
     master: StoredKey | None
     self_signing: _SelfSigning | None
-    devices: dict[str, str]
+    devices: dict[str, SignableDevice]
 
     @classmethod
-    def of(cls, me: str, cross: CurrentKeys, devices: dict[str, str]) -> _OwnKeys:
+    def of(
+        cls, me: str, cross: CurrentKeys, devices: dict[str, SignableDevice]
+    ) -> _OwnKeys:
         """The uploader ``me``'s keys from an upload's context."""
         mine = cross.get(me, {})
         ssk = mine.get(SELF_SIGNING)
@@ -186,6 +189,21 @@ def _same_content(
     if signed_bytes(obj) != message:
         raise ItemFailure(Codes.INVALID_PARAM, _mismatch(what))
     return message, None
+
+
+def _same_device_content(
+    obj: dict[str, Any], device: SignableDevice, device_id: str
+) -> tuple[bytes, tuple[dict[str, Any], str] | None]:
+    """:func:`_same_content` for a device's keys, without parsing the stored
+    JSON when it need not be: if the uploaded object's signed bytes have the
+    stored keys' :attr:`~SignableDevice.signed_hash`, they are the stored
+    keys' signed bytes. Otherwise (a different object, or a row without the
+    hash) the stored keys are compared as :func:`_same_content` does."""
+    if device.signed_hash is not None:
+        message = signed_bytes(obj)
+        if signed_digest(message) == device.signed_hash:
+            return message, None
+    return _same_content(obj, device.key_json, f"keys of device {device_id}")
 
 
 class SignatureHandler:
@@ -336,15 +354,13 @@ class SignatureHandler:
             return self._device_over_master(
                 me, key_id, obj, own.master.key_json, own.devices
             )
-        device_json = own.devices.get(key_id)
-        if device_json is not None:
+        device = own.devices.get(key_id)
+        if device is not None:
             if ssk is None:
                 raise ItemFailure(
                     Codes.NOT_FOUND, f"No self-signing key found for {me}"
                 )
-            message, recheck = _same_content(
-                obj, device_json, f"keys of device {key_id}"
-            )
+            message, recheck = _same_device_content(obj, device, key_id)
             sig = obj.get("signatures", {}).get(me, {}).get(ssk.key_id)
             if not isinstance(sig, str):
                 raise ItemFailure(
@@ -363,7 +379,7 @@ class SignatureHandler:
                         key_id,
                         sig,
                         ssk.basis,
-                        Basis(me, "device", key_id, device_json),
+                        Basis(me, "device", key_id, device.key_json),
                     ),
                     recheck,
                 )
@@ -385,7 +401,7 @@ class SignatureHandler:
         key_id: str,
         obj: dict[str, Any],
         master_json: str,
-        my_devices: dict[str, str],
+        my_devices: dict[str, SignableDevice],
     ) -> list[_Check]:
         message, recheck = _same_content(obj, master_json, "master key")
         sigs = obj.get("signatures", {}).get(me, {})
@@ -397,7 +413,8 @@ class SignatureHandler:
                 continue  # not by a key the caller holds: not stored
             if stored_sigs.get(sig_key_id) == sig:
                 continue  # part of the uploaded master itself
-            pub = _device_ed25519(my_devices[device_id], device_id)
+            device_json = my_devices[device_id].key_json
+            pub = _device_ed25519(device_json, device_id)
             if pub is None:
                 raise ItemFailure(
                     Codes.NOT_FOUND, f"Device {device_id} has no ed25519 key"
@@ -413,7 +430,7 @@ class SignatureHandler:
                         me,
                         key_id,
                         sig,
-                        Basis(me, "device", device_id, my_devices[device_id]),
+                        Basis(me, "device", device_id, device_json),
                         Basis(me, MASTER, key_id, master_json),
                     ),
                     recheck,

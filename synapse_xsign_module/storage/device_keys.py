@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import attr
 from sqlalchemy import (
@@ -34,7 +34,11 @@ from sqlalchemy import (
 from twisted.internet import defer
 
 from synapse_xsign_module.errors import Codes, MatrixError
-from synapse_xsign_module.jsonutil import canonical_json, strip_signatures
+from synapse_xsign_module.jsonutil import (
+    canonical_json,
+    signed_hash,
+    strip_signatures,
+)
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import (
     device_keys,
@@ -263,10 +267,11 @@ def upload_txn(
                             "device_id": device_id,
                             "key_json": new_json,
                             "ts_added_ms": now_ms,
+                            "signed_hash": signed_hash(new_device_keys),
                         }
                     ],
                     ["user_id", "device_id"],
-                    ["key_json", "ts_added_ms"],
+                    ["key_json", "ts_added_ms", "signed_hash"],
                 )
                 _drop_invalidated_signatures(
                     conn, user_id, device_id, old_json, new_device_keys
@@ -403,6 +408,54 @@ _KEYS_OF_USERS = RawStatement(
 _KEYS_OF_USER = RawStatement(
     select(_DK.device_id, _DK.key_json).where(_DK.user_id == bindparam("user"))
 )
+
+
+class SignableDevice(NamedTuple):
+    """A device's stored keys, as a signature upload compares them.
+
+    Attributes:
+        key_json: the keys' canonical JSON.
+        signed_hash: :func:`~synapse_xsign_module.jsonutil.signed_hash` of
+            them; None for a row written by a version before it was kept.
+    """
+
+    key_json: str
+    signed_hash: str | None
+
+
+_SIGNABLE_OF_USER = RawStatement(
+    select(_DK.device_id, _DK.key_json, _DK.signed_hash).where(
+        _DK.user_id == bindparam("user")
+    )
+)
+_SIGNABLE = RawStatement(
+    select(_DK.device_id, _DK.key_json, _DK.signed_hash).where(
+        _DK.user_id == bindparam("user"), any_of(_DK.device_id, "devices")
+    )
+)
+
+
+def get_signable_devices_txn(
+    conn: Connection, user_id: str, device_ids: list[str]
+) -> dict[str, SignableDevice]:
+    """A user's stored device keys with their :attr:`SignableDevice.signed_hash`.
+
+    Args:
+        conn: the connection.
+        user_id: whose devices.
+        device_ids: which; those without keys are left out of the result.
+
+    Returns:
+        device id -> its keys.
+    """
+    if not device_ids:
+        return {}
+    if len(device_ids) > MANY_DEVICES:
+        wanted = set(device_ids)
+        rows = _SIGNABLE_OF_USER.rows(conn, {"user": user_id})
+        return {d: SignableDevice(kj, h) for d, kj, h in rows if d in wanted}
+    rows = _SIGNABLE.rows(conn, {"user": user_id, "devices": sorted(set(device_ids))})
+    return {d: SignableDevice(kj, h) for d, kj, h in rows}
 
 
 def get_device_keys_txn(

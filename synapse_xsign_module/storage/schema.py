@@ -32,6 +32,10 @@ metadata = MetaData()
 # --- keys served to clients -------------------------------------------------
 
 # The identity keys of a device, exactly as uploaded (canonical JSON).
+# ``signed_hash`` is the SHA-256 (hex) of the bytes a signature over the device
+# covers (jsonutil.signed_hash): a signature upload compares the uploaded copy
+# with it rather than parsing ``key_json``. NULL only in a row written by a
+# version before migration 0003 (a process not yet upgraded): read as unknown.
 device_keys = Table(
     "xsign_device_keys",
     metadata,
@@ -39,6 +43,7 @@ device_keys = Table(
     Column("device_id", String(255), nullable=False),
     Column("key_json", Text, nullable=False),
     Column("ts_added_ms", BigInteger, nullable=False),
+    Column("signed_hash", String(64), nullable=True),
     PrimaryKeyConstraint("user_id", "device_id", name="xsign_device_keys_pkey"),
 )
 

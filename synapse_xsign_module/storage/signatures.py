@@ -15,7 +15,11 @@ from twisted.internet import defer
 
 from synapse_xsign_module.storage.cross_signing import CurrentKeys, get_current_txn
 from synapse_xsign_module.storage.database import Database
-from synapse_xsign_module.storage.device_keys import get_device_keys_txn
+from synapse_xsign_module.storage.device_keys import (
+    SignableDevice,
+    get_device_keys_txn,
+    get_signable_devices_txn,
+)
 from synapse_xsign_module.storage.schema import signatures
 from synapse_xsign_module.storage.util import (
     RawStatement,
@@ -270,14 +274,14 @@ class SignatureContext(NamedTuple):
         cross: the current cross-signing keys of the uploader and the other
             users.
         devices: those of the uploader's devices that have keys (device id ->
-            key JSON).
+            their stored keys).
         stored: the stored signatures the uploader made over those users' keys.
         versions: the key version of the uploader and of each other user (None
             for a user with none), read before everything else.
     """
 
     cross: CurrentKeys
-    devices: dict[str, str]
+    devices: dict[str, SignableDevice]
     stored: OwnSignatures
     versions: dict[str, int | None]
 
@@ -300,9 +304,7 @@ def load_context_txn(
     found = get_versions_txn(conn, users)
     versions = {u: found.get(u) for u in users}
     cross = get_current_txn(conn, users)
-    devices: dict[str, str] = {}
-    if device_ids:
-        devices = get_device_keys_txn(conn, {user_id: device_ids}).get(user_id, {})
+    devices = get_signable_devices_txn(conn, user_id, device_ids)
     stored = {
         (tu, tk, sk): sig
         for tu, tk, sk, sig in _SIGNED_BY.rows(
