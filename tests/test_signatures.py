@@ -93,6 +93,19 @@ class SignatureTestBase(CrossSigningTestBase):
         self.assertEqual(failures, {})
         return f"ed25519:{public_key(signer.user_signing)}"
 
+    def record_calls(self, owner: Any, name: str) -> list[tuple[Any, ...]]:
+        """The arguments of every call of ``owner.<name>`` from now on (the
+        real one still runs), as they happen."""
+        calls: list[tuple[Any, ...]] = []
+        real = getattr(owner, name)
+
+        def recording(*args: Any) -> Any:
+            calls.append(args)
+            return real(*args)
+
+        self.patch(owner, name, recording)
+        return calls
+
     def signature_rows(self) -> int:
         """How many signatures are stored."""
         with self.db.engine.connect() as conn:
@@ -144,36 +157,28 @@ class AcceptedKindsTest(SignatureTestBase):
                 sig_of(master, alice.user_id, key_id),
             )
 
-    def record_device_reads(self) -> list[dict[str, list[str]]]:
-        """The device-key reads of signature uploads' context, as they happen."""
-        seen: list[dict[str, list[str]]] = []
-        real = storage_signatures.get_signable_devices_txn
-
-        def recording(conn: Any, user_id: str, device_ids: list[str]) -> Any:
-            if device_ids:
-                seen.append({user_id: device_ids})
-            return real(conn, user_id, device_ids)
-
-        self.patch(storage_signatures, "get_signable_devices_txn", recording)
-        return seen
-
     async def test_only_devices_an_upload_may_involve_are_read(self) -> None:
         """An upload reads the devices it signs, and the signers of an object
         presented as a master key; not every key id in every signature."""
         alice = await self.ready_user("alice")
-        seen = self.record_device_reads()
+        reads = self.record_calls(storage_signatures, "get_signable_devices_txn")
         failures = await self.sign_upload(
             alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
         )
         self.assertEqual(failures, {})
-        self.assertEqual(seen, [{alice.user_id: [alice.device_id]}])
-        seen.clear()
+        self.assertEqual(
+            [args[1:] for args in reads], [(alice.user_id, [alice.device_id])]
+        )
+        reads.clear()
         master = sign_json(self.master_obj(alice), alice.user_id, alice.device_key)
         pub = public_key(alice.master)
         self.assertEqual(
             await self.sign_upload(alice, {alice.user_id: {pub: master}}), {}
         )
-        self.assertEqual(seen, [{alice.user_id: sorted([pub, alice.device_id])}])
+        self.assertEqual(
+            [args[1:] for args in reads],
+            [(alice.user_id, sorted([pub, alice.device_id]))],
+        )
 
     async def test_master_without_its_usage_does_not_match(self) -> None:
         """An object under the master key's id whose usage lacks "master" is
@@ -411,14 +416,7 @@ class LifecycleTest(SignatureTestBase):
         from synapse_xsign_module.handlers import verification as handler_module
 
         alice = await self.ready_user("alice")
-        checked: list[bytes] = []
-        real = handler_module.verify_signature
-
-        def counting(message: bytes, signature: str, public: str) -> bool:
-            checked.append(message)
-            return real(message, signature, public)
-
-        self.patch(handler_module, "verify_signature", counting)
+        checked = self.record_calls(handler_module, "verify_signature")
         signed = self.ssk_signed_device(alice)
         body = {alice.user_id: {alice.device_id: signed}}
         self.assertEqual(await self.sign_upload(alice, body), {})
@@ -874,19 +872,14 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
         """With every key version unchanged, the store reads no key again."""
         alice = await self.ready_user("alice")
         bob = await self.ready_user("bob")
-        reads: list[str] = []
-        for name in (
-            "get_device_keys_txn",
-            "get_signable_devices_txn",
-            "get_current_txn",
-        ):
-            real = getattr(storage_signatures, name)
-
-            def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
-                reads.append(_name)
-                return _real(*args)
-
-            self.patch(storage_signatures, name, counted)
+        reads = {
+            name: self.record_calls(storage_signatures, name)
+            for name in (
+                "get_device_keys_txn",
+                "get_signable_devices_txn",
+                "get_current_txn",
+            )
+        }
         master = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
         body = {
             alice.user_id: {alice.device_id: self.ssk_signed_device(alice)},
@@ -895,7 +888,14 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
         self.assertEqual(await self.sign_upload(alice, body), {})
         self.assertEqual(self.signature_rows(), 2)
         # Once each, by the read the verification is based on.
-        self.assertEqual(sorted(reads), ["get_current_txn", "get_signable_devices_txn"])
+        self.assertEqual(
+            {name: len(calls) for name, calls in reads.items()},
+            {
+                "get_device_keys_txn": 0,
+                "get_signable_devices_txn": 1,
+                "get_current_txn": 1,
+            },
+        )
 
 
 def expected_signed_hash(device_keys: dict[str, Any]) -> str:
@@ -931,17 +931,10 @@ class SignedHashTest(SignatureTestBase):
                 .values(signed_hash=None)
             )
 
-    def record_parsed_comparisons(self) -> list[str]:
-        """The stored keys compared by parsing their JSON, as it happens."""
-        seen: list[str] = []
-        real = handler_signatures._same_content
-
-        def recording(obj: Any, stored_json: str, what: str) -> Any:
-            seen.append(what)
-            return real(obj, stored_json, what)
-
-        self.patch(handler_signatures, "_same_content", recording)
-        return seen
+    def record_parsed_comparisons(self) -> list[tuple[Any, ...]]:
+        """The stored keys compared by parsing their JSON (the calls of
+        ``_same_content``), as it happens."""
+        return self.record_calls(handler_signatures, "_same_content")
 
     async def test_upload_keeps_the_hash_of_the_signed_bytes(self) -> None:
         """The hash is that of the bytes signatures cover, and follows new keys."""
@@ -1009,6 +1002,8 @@ class SignedHashTest(SignatureTestBase):
             alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
         )
         self.assertEqual(failures, {})
-        self.assertEqual(seen, [f"keys of device {alice.device_id}"] * 2)
+        self.assertEqual(
+            [args[2] for args in seen], [f"keys of device {alice.device_id}"] * 2
+        )
         self.assertEqual(self.signature_rows(), 1)
         self.assertIsNone(self.stored_hash(alice))
