@@ -451,6 +451,12 @@ def get_signable_devices_txn(
     if not device_ids:
         return {}
     if len(device_ids) > MANY_DEVICES:
+        # The list is one parameter either way; the prefix read is kept for
+        # its speed when the user has about the devices asked for (a
+        # self-signing key signing all of them): 500 of 500 devices took
+        # 0.30 against 0.56 ms on SQLite, 0.62 against 0.89 on PostgreSQL.
+        # The list lookup wins where the user has many more (500 of 3,000:
+        # 0.63 against 1.89 ms, 1.30 against 3.64).
         wanted = set(device_ids)
         rows = _SIGNABLE_OF_USER.rows(conn, {"user": user_id})
         return {d: SignableDevice(kj, h) for d, kj, h in rows if d in wanted}
