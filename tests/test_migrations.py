@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -14,7 +13,6 @@ from typing import Any
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from canonicaljson import encode_canonical_json
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, inspect, text
 from sqlalchemy.exc import IntegrityError
 
@@ -29,7 +27,12 @@ from synapse_xsign_module.storage.schema import (
     cross_signing_keys,
     metadata,
 )
-from tests.utils import drop_all, postgres_url, restore_root_logging
+from tests.utils import (
+    drop_all,
+    expected_signed_hash,
+    postgres_url,
+    restore_root_logging,
+)
 
 
 def schema_diff(engine: Engine, target: MetaData = metadata) -> list[Any]:
@@ -261,18 +264,7 @@ class MigrationTest(FreshDatabaseMixin, unittest.TestCase):
                     text("SELECT device_id, signed_hash FROM xsign_device_keys")
                 ).all()
             )
-        expected = {
-            d: hashlib.sha256(
-                encode_canonical_json(
-                    {
-                        k: v
-                        for k, v in keys.items()
-                        if k not in ("signatures", "unsigned")
-                    }
-                )
-            ).hexdigest()
-            for d, keys in stored.items()
-        }
+        expected = {d: expected_signed_hash(keys) for d, keys in stored.items()}
         self.assertEqual(rows, expected)
         cfg = migrate.alembic_config()
         with engine.begin() as conn:

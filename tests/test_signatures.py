@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import multiprocessing
 from typing import Any
 
-from canonicaljson import encode_canonical_json
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import event, func, select
@@ -18,7 +16,12 @@ from synapse_xsign_module.handlers import signatures as handler_signatures
 from synapse_xsign_module.storage import signatures as storage_signatures
 from synapse_xsign_module.storage.schema import device_keys, signatures
 from tests.test_cross_signing import CrossSigningTestBase
-from tests.utils import TestUser, make_device_keys, public_key
+from tests.utils import (
+    TestUser,
+    expected_signed_hash,
+    make_device_keys,
+    public_key,
+)
 
 SIG_UPLOAD = "/_matrix/client/v3/keys/signatures/upload"
 KEYS_UPLOAD = "/_matrix/client/v3/keys/upload"
@@ -896,15 +899,6 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
                 "get_current_txn": 1,
             },
         )
-
-
-def expected_signed_hash(device_keys: dict[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON a signature over ``device_keys``
-    covers, made with canonicaljson (as signedjson signs), not the module."""
-    unsigned = {
-        k: v for k, v in device_keys.items() if k not in ("signatures", "unsigned")
-    }
-    return hashlib.sha256(encode_canonical_json(unsigned)).hexdigest()
 
 
 class SignedHashTest(SignatureTestBase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from canonicaljson import encode_canonical_json
 from signedjson.key import encode_verify_key_base64, generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import text
@@ -466,6 +468,13 @@ def make_device_keys(
         },
     }
     return sign_json(obj, user_id, device_key)
+
+
+def expected_signed_hash(signed: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON a signature over ``signed`` covers,
+    made with canonicaljson (as signedjson signs), not the module."""
+    unsigned = {k: v for k, v in signed.items() if k not in ("signatures", "unsigned")}
+    return hashlib.sha256(encode_canonical_json(unsigned)).hexdigest()
 
 
 def hold_in_other_transaction(
