@@ -530,6 +530,37 @@ class LifecycleTest(SignatureTestBase):
         self.assertIsNot(served["level"], True)
         self.assertEqual(sig_of(served, alice.user_id, ssk_id), signature)
 
+    async def test_reupload_spelling_a_number_differently_drops_signatures(
+        self,
+    ) -> None:
+        """Device keys re-uploaded with ``true`` where ``1`` was are other
+        signed bytes: the SSK signature over the old bytes no longer holds and
+        is dropped (Python's ``1 == True`` must not keep it)."""
+        alice = await self.ready_user("alice")
+        stored = await self._device_with_number(alice)
+        failures = await self.sign_upload(
+            alice,
+            {alice.user_id: {alice.device_id: self.ssk_signed_device(alice, stored)}},
+        )
+        self.assertEqual(failures, {})
+        self.assertEqual(self.signature_rows(), 1)
+        keys = {k: v for k, v in stored.items() if k != "signatures"}
+        keys["level"] = True
+        resp = await self.client.post(
+            KEYS_UPLOAD,
+            {"device_keys": sign_json(keys, alice.user_id, alice.device_key)},
+            token=alice.token,
+        )
+        self.assertEqual(resp.code, 200, resp)
+        self.assertEqual(self.signature_rows(), 0)
+        served = (await self.query(alice, alice.user_id))["device_keys"][alice.user_id][
+            alice.device_id
+        ]
+        self.assertIs(served["level"], True)
+        self.assertEqual(
+            list(served["signatures"][alice.user_id]), [f"ed25519:{alice.device_id}"]
+        )
+
     async def test_device_reupload_drops_signatures(self) -> None:
         """New device keys for the same device drop the SSK signature on the old ones."""
         alice = await self.ready_user("alice")

@@ -34,11 +34,7 @@ from sqlalchemy import (
 from twisted.internet import defer
 
 from synapse_xsign_module.errors import Codes, MatrixError
-from synapse_xsign_module.jsonutil import (
-    canonical_json,
-    signed_hash,
-    strip_signatures,
-)
+from synapse_xsign_module.jsonutil import canonical_json, signed_hash
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.schema import (
     device_keys,
@@ -128,6 +124,7 @@ def _drop_invalidated_signatures(
     device_id: str,
     old_json: str | None,
     new: dict[str, Any],
+    new_hash: str,
 ) -> None:
     """Delete the detached signatures that new device keys make invalid.
 
@@ -135,9 +132,15 @@ def _drop_invalidated_signatures(
     ``unsigned``; signatures by the device were made with its ed25519 key. A
     re-upload that changes neither keeps them. A device id seen for the first
     time drops any leftover signature (e.g. from a deleted device of that id).
+
+    Args:
+        new_hash: :func:`~synapse_xsign_module.jsonutil.signed_hash` of ``new``.
+            The signed bytes are compared, not the parsed objects: ``1`` and
+            ``true`` are equal in Python, and a signature over one does not
+            hold over the other.
     """
     old = json.loads(old_json) if old_json is not None else None
-    over = old is None or strip_signatures(old) != strip_signatures(new)
+    over = old is None or signed_hash(old) != new_hash
     key_id = f"ed25519:{device_id}"
     by = old is None or (old.get("keys") or {}).get(key_id) != (
         new.get("keys") or {}
@@ -258,6 +261,7 @@ def upload_txn(
             new_json = canonical_json(new_device_keys)
             if old_json != new_json:
                 changed = True
+                new_hash = signed_hash(new_device_keys)
                 upsert(
                     conn,
                     device_keys,
@@ -267,14 +271,14 @@ def upload_txn(
                             "device_id": device_id,
                             "key_json": new_json,
                             "ts_added_ms": now_ms,
-                            "signed_hash": signed_hash(new_device_keys),
+                            "signed_hash": new_hash,
                         }
                     ],
                     ["user_id", "device_id"],
                     ["key_json", "ts_added_ms", "signed_hash"],
                 )
                 _drop_invalidated_signatures(
-                    conn, user_id, device_id, old_json, new_device_keys
+                    conn, user_id, device_id, old_json, new_device_keys, new_hash
                 )
 
         if otks:
