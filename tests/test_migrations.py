@@ -247,6 +247,8 @@ class MigrationTest(FreshDatabaseMixin, unittest.TestCase):
             }
             if i % 2:
                 keys["unsigned"] = {"device_display_name": "phone"}
+            if i % 3 == 0:  # signed bytes are UTF-8, stored text escapes it
+                keys["org.example.label"] = f"caf\u00e9 \u2615 {i}"
             stored[device_id] = keys
         with engine.begin() as conn:
             conn.execute(

@@ -11,12 +11,12 @@ upgraded writes later keeps NULL, which the code reads as unknown.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-
-from synapse_xsign_module.jsonutil import signed_hash
 
 revision = "0003"
 down_revision = "0002"
@@ -33,6 +33,21 @@ _keys = sa.table(
     sa.column("key_json", sa.Text),
     sa.column("signed_hash", sa.String),
 )
+
+
+def _signed_hash(key_json: str) -> str:
+    """SHA-256 (hex) of the canonical JSON of stored device keys without
+    ``signatures`` and ``unsigned``.
+
+    Written out here rather than imported, so that this revision keeps
+    computing what it computed when it was written: the code's own
+    ``jsonutil.signed_hash`` must give the same, which the migration tests
+    check, but may change how it gets there. Stored keys hold no floats.
+    """
+    obj: dict[str, Any] = json.loads(key_json)
+    signed = {k: v for k, v in obj.items() if k not in ("signatures", "unsigned")}
+    text = json.dumps(signed, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def upgrade() -> None:
@@ -61,7 +76,7 @@ def upgrade() -> None:
             return
         conn.execute(
             update,
-            [{"u": u, "d": d, "h": signed_hash(json.loads(kj))} for u, d, kj in rows],
+            [{"u": u, "d": d, "h": _signed_hash(kj)} for u, d, kj in rows],
         )
         after = (rows[-1][0], rows[-1][1])
 
