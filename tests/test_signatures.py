@@ -1008,6 +1008,22 @@ class SignedHashTest(SignatureTestBase):
         self.assertEqual(seen, [])
         self.assertEqual(self.signature_rows(), 1)
 
+    async def test_different_object_makes_its_signed_bytes_once(self) -> None:
+        """An object that differs from stored keys that have a hash is found
+        different from the signed bytes made for the hash (not made again)."""
+        alice = await self.ready_user("alice")
+        made = self.record_calls(handler_signatures, "signed_bytes")
+        changed = {**alice.device_keys(), "extra": 1}
+        failures = await self.sign_upload(
+            alice,
+            {alice.user_id: {alice.device_id: self.ssk_signed_device(alice, changed)}},
+        )
+        failure = failures[alice.user_id][alice.device_id]
+        self.assertEqual(failure["errcode"], "M_INVALID_PARAM")
+        self.assertIn("does not match", failure["error"])
+        self.assertEqual(len(made), 1)
+        self.assertEqual(self.signature_rows(), 0)
+
     async def test_row_without_hash_is_compared_as_parsed_json(self) -> None:
         """A row an older version wrote (no hash) is compared as before."""
         alice = await self.ready_user("alice")

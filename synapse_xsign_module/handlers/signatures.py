@@ -169,7 +169,7 @@ def _mismatch(what: str) -> str:
 
 
 def _same_content(
-    obj: dict[str, Any], stored_json: str, what: str
+    obj: dict[str, Any], stored_json: str, what: str, own: bytes | None = None
 ) -> tuple[bytes, tuple[dict[str, Any], str] | None]:
     """The signed bytes of the stored key, which ``obj`` must match.
 
@@ -180,13 +180,19 @@ def _same_content(
     only if its signature fails, to report the mismatch rather than a bad
     signature (see :attr:`_Check.recheck`).
 
+    Args:
+        obj: the uploaded object.
+        stored_json: the stored key's JSON text.
+        what: the key, as the mismatch error names it.
+        own: ``signed_bytes(obj)`` if the caller has made them already.
+
     Returns:
         The bytes the signature must cover, and what to recheck on failure.
     """
     stored_obj, message = stored_content(stored_json)
     if equal_apart_from_signatures(obj, stored_obj):
         return message, (obj, what)
-    if signed_bytes(obj) != message:
+    if (own if own is not None else signed_bytes(obj)) != message:
         raise ItemFailure(Codes.INVALID_PARAM, _mismatch(what))
     return message, None
 
@@ -199,11 +205,12 @@ def _same_device_content(
     stored keys' :attr:`~SignableDevice.signed_hash`, they are the stored
     keys' signed bytes. Otherwise (a different object, or a row without the
     hash) the stored keys are compared as :func:`_same_content` does."""
+    own = None
     if device.signed_hash is not None:
-        message = signed_bytes(obj)
-        if signed_digest(message) == device.signed_hash:
-            return message, None
-    return _same_content(obj, device.key_json, f"keys of device {device_id}")
+        own = signed_bytes(obj)
+        if signed_digest(own) == device.signed_hash:
+            return own, None
+    return _same_content(obj, device.key_json, f"keys of device {device_id}", own)
 
 
 class SignatureHandler:
