@@ -573,6 +573,40 @@ class RawStatementTest(DatabaseTestCase):
             await self.db.run("raw", txn)
         self.assertEqual(await self.db.run_read("ids", user_ids), [])
 
+    async def test_sent_reads_fetched_afterwards(self) -> None:
+        """Reads sent one after the other and fetched afterwards, inside a
+        pipeline or not, give each its own rows, as the transaction sees them;
+        a failing one raises SQLAlchemy's DBAPIError and rolls back."""
+        t = host_users.c
+        by_id = RawStatement(select(t.created_ts).where(t.user_id == bindparam("id")))
+        count = RawStatement(select(func.count()).select_from(host_users))
+
+        def txn(conn: Connection) -> list[list[Any]]:
+            insert_many(conn, host_users, new_users("@a:x", "@b:x"))
+            with pipelined(conn):
+                first = by_id.send(conn, {"id": "@b:x"})
+                second = count.send(conn, {})
+                third = by_id.send(conn, {"id": "@nobody:x"})
+                # One fetched in the block, the others after it.
+                got = [second()]
+            return [first(), *got, third()]
+
+        got = await self.db.run("sent", txn)
+        self.assertEqual(got[1:], [[(2,)], []])
+        self.assertEqual(len(got[0]), 1)
+        missing = Table("xsign_no_such_table", MetaData(), Column("x", Text))
+        raw = RawStatement(select(missing.c.x))
+
+        def failing(conn: Connection) -> None:
+            add_user(conn, "@rolled-back:x")
+            with pipelined(conn):
+                fetch = raw.send(conn, {})
+                fetch()
+
+        with self.assertRaises(DBAPIError):
+            await self.db.run("sent", failing)
+        self.assertEqual(await self.db.run_read("ids", user_ids), ["@a:x", "@b:x"])
+
     async def test_execute_many_and_upsert(self) -> None:
         """execute_many binds each parameter set (only the INSERT's columns;
         the rest take their defaults); upsert replaces on conflict; a unique
@@ -782,9 +816,9 @@ class RoundTripsTest(DatabaseTestCase):
         super().setUp()
         self.require_pipeline()
 
-    async def trips(self, fn: Any) -> int:
-        """Round trips of ``fn(conn)`` in a write transaction, COMMIT not
-        included."""
+    async def trips(self, fn: Any, read: bool = False) -> int:
+        """Round trips of ``fn(conn)`` in a write transaction (COMMIT not
+        included), or run as a read (autocommit on PostgreSQL)."""
         import tempfile
 
         from psycopg import pq
@@ -801,7 +835,8 @@ class RoundTripsTest(DatabaseTestCase):
                 f.seek(0)
                 return _round_trips(f.read().decode("utf-8", "replace"))
 
-        result: int = await self.db.run("trips", txn)
+        run = self.db.run_read if read else self.db.run
+        result: int = await run("trips", txn)
         return result
 
     async def test_keys_upload(self) -> None:
@@ -847,6 +882,16 @@ class RoundTripsTest(DatabaseTestCase):
             await self.trips(lambda c: store_signatures_txn(c, pending, 1, versions)),
             3,
         )
+
+    async def test_signature_context(self) -> None:
+        """The four reads a signature upload is checked against (versions,
+        cross-signing keys, devices, stored signatures) share one round trip."""
+        from synapse_xsign_module.storage.signatures import load_context_txn
+
+        def read(conn: Connection) -> None:
+            load_context_txn(conn, "@a:x", ["@b:x"], ["D1", "D2"])
+
+        self.assertEqual(await self.trips(read, read=True), 1)
 
 
 class CommitWithPipelineTest(DatabaseTestCase):

@@ -164,7 +164,7 @@ class AcceptedKindsTest(SignatureTestBase):
         """An upload reads the devices it signs, and the signers of an object
         presented as a master key; not every key id in every signature."""
         alice = await self.ready_user("alice")
-        reads = self.record_calls(storage_signatures, "get_signable_devices_txn")
+        reads = self.record_calls(storage_signatures, "send_signable_devices")
         failures = await self.sign_upload(
             alice, {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
         )
@@ -910,8 +910,9 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
             name: self.record_calls(storage_signatures, name)
             for name in (
                 "get_device_keys_txn",
-                "get_signable_devices_txn",
+                "send_signable_devices",
                 "get_current_txn",
+                "send_current",
             )
         }
         master = sign_json(self.master_obj(bob), alice.user_id, alice.user_signing)
@@ -926,8 +927,9 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
             {name: len(calls) for name, calls in reads.items()},
             {
                 "get_device_keys_txn": 0,
-                "get_signable_devices_txn": 1,
-                "get_current_txn": 1,
+                "send_signable_devices": 1,
+                "get_current_txn": 0,
+                "send_current": 1,
             },
         )
 

@@ -10,6 +10,7 @@ retires the SSK and USK it had signed, unless new ones come in the same upload.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import NamedTuple
 
 import attr
@@ -206,12 +207,21 @@ def get_states_txn(conn: Connection, user_ids: list[str]) -> dict[str, UploadSta
 
 def get_current_txn(conn: Connection, user_ids: list[str]) -> CurrentKeys:
     """The current cross-signing keys of some users."""
-    result: CurrentKeys = defaultdict(dict)
-    for u, kt, pub, kj, ts in _CURRENT_OF_USERS.rows(
-        conn, {"users": sorted(set(user_ids))}
-    ):
-        result[u][kt] = StoredKey(kt, pub, kj, ts)
-    return dict(result)
+    return send_current(conn, user_ids)()
+
+
+def send_current(conn: Connection, user_ids: list[str]) -> Callable[[], CurrentKeys]:
+    """:func:`get_current_txn` sent now and read when the result is called
+    (see :meth:`~synapse_xsign_module.storage.util.RawStatement.send`)."""
+    fetch = _CURRENT_OF_USERS.send(conn, {"users": sorted(set(user_ids))})
+
+    def read() -> CurrentKeys:
+        result: CurrentKeys = defaultdict(dict)
+        for u, kt, pub, kj, ts in fetch():
+            result[u][kt] = StoredKey(kt, pub, kj, ts)
+        return dict(result)
+
+    return read
 
 
 def _retire_txn(

@@ -13,12 +13,16 @@ from sqlalchemy import Connection, bindparam, select
 
 from twisted.internet import defer
 
-from synapse_xsign_module.storage.cross_signing import CurrentKeys, get_current_txn
+from synapse_xsign_module.storage.cross_signing import (
+    CurrentKeys,
+    get_current_txn,
+    send_current,
+)
 from synapse_xsign_module.storage.database import Database
 from synapse_xsign_module.storage.device_keys import (
     SignableDevice,
     get_device_keys_txn,
-    get_signable_devices_txn,
+    send_signable_devices,
 )
 from synapse_xsign_module.storage.schema import signatures
 from synapse_xsign_module.storage.util import (
@@ -30,7 +34,11 @@ from synapse_xsign_module.storage.util import (
     pipelined,
     upsert,
 )
-from synapse_xsign_module.storage.versions import bump_txn, get_versions_txn
+from synapse_xsign_module.storage.versions import (
+    bump_txn,
+    get_versions_txn,
+    send_versions,
+)
 
 #: (target user, target key id) -> list of (signer user, signer key id, signature)
 VisibleSignatures = dict[tuple[str, str], list[tuple[str, str, str]]]
@@ -299,19 +307,23 @@ def load_context_txn(
             signing); only these are read.
     """
     # First: a key that changes after this read changes its user's version,
-    # so that the store can tell whether what follows is still current.
+    # so that the store can tell whether what follows is still current. On
+    # PostgreSQL the four reads are sent together and their answers read at
+    # the end of the pipeline, in one round trip; the server still runs them
+    # in this order.
     users = [user_id, *other_users]
-    found = get_versions_txn(conn, users)
-    versions = {u: found.get(u) for u in users}
-    cross = get_current_txn(conn, users)
-    devices = get_signable_devices_txn(conn, user_id, device_ids)
-    stored = {
-        (tu, tk, sk): sig
-        for tu, tk, sk, sig in _SIGNED_BY.rows(
-            conn, {"signer": user_id, "users": sorted(set(users))}
-        )
-    }
-    return SignatureContext(cross, devices, stored, versions)
+    with pipelined(conn):
+        found = send_versions(conn, users)
+        cross = send_current(conn, users)
+        devices = send_signable_devices(conn, user_id, device_ids)
+        stored = _SIGNED_BY.send(conn, {"signer": user_id, "users": sorted(set(users))})
+    version_of = found()
+    return SignatureContext(
+        cross(),
+        devices(),
+        {(tu, tk, sk): sig for tu, tk, sk, sig in stored()},
+        {u: version_of.get(u) for u in users},
+    )
 
 
 class SignatureStore:

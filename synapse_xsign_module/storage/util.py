@@ -25,7 +25,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeEngine
@@ -257,12 +257,41 @@ class RawStatement:
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """Run the statement in ``conn``'s transaction; every row as a tuple."""
+        return self.send(conn, params)()
+
+    def send(self, conn: Connection, params: dict[str, Any]) -> Callable[[], list[Any]]:
+        """Run the statement, and return what fetches its rows (once).
+
+        Inside :func:`pipelined`, the statement is only queued. Reads sent
+        one after the other in a block and fetched after it reach the server
+        together with the block's end and cost one round trip in all, where
+        :meth:`rows` called in turn waits for each answer before sending the
+        next statement (fetching inside the block also waits, for the answers
+        up to the one fetched). The server still runs them in the order sent.
+        Elsewhere the statement has run when this returns.
+        """
         entry = self._entry(conn)
         bound = self._bind(entry, params)
-        with _driver_cursor(conn, entry.sql, bound) as cursor:
+        driver_error = conn.dialect.loaded_dbapi.Error
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
             cursor.execute(entry.sql, bound)
-            rows: list[Any] = cursor.fetchall()
-        return rows
+        except BaseException as e:
+            cursor.close()
+            if isinstance(e, driver_error):
+                raise _sqlalchemy_error(conn, entry.sql, bound, e) from e
+            raise
+
+        def fetch() -> list[Any]:
+            try:
+                rows: list[Any] = cursor.fetchall()
+            except driver_error as e:
+                raise _sqlalchemy_error(conn, entry.sql, bound, e) from e
+            finally:
+                cursor.close()
+            return rows
+
+        return fetch
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> int:
         """Run a statement that returns no rows; the number of rows it changed."""
@@ -293,11 +322,19 @@ def _driver_cursor(conn: Connection, sql: str, bound: Any) -> Iterator[Any]:
     try:
         yield cursor
     except driver_error as e:
-        raise DBAPIError.instance(
-            sql, bound, e, driver_error, dialect=conn.dialect
-        ) from e
+        raise _sqlalchemy_error(conn, sql, bound, e) from e
     finally:
         cursor.close()
+
+
+def _sqlalchemy_error(
+    conn: Connection, sql: str, bound: Any, error: Exception
+) -> StatementError:
+    """A driver error as SQLAlchemy's exception (retries and dropping a broken
+    connection look for its classes)."""
+    return DBAPIError.instance(
+        sql, bound, error, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+    )
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,7 +18,7 @@ than the version, and the next read sees a newer version and reads again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy import Connection, bindparam, select, text
 
@@ -68,6 +68,15 @@ def get_versions_txn(conn: Connection, user_ids: list[str]) -> dict[str, int]:
     A user with no row has never had keys stored since versions exist (or was
     never given one): such a user must not be cached.
     """
+    return send_versions(conn, user_ids)()
+
+
+def send_versions(
+    conn: Connection, user_ids: list[str]
+) -> Callable[[], dict[str, int]]:
+    """:func:`get_versions_txn` sent now and read when the result is called
+    (see :meth:`~synapse_xsign_module.storage.util.RawStatement.send`)."""
     if not user_ids:
-        return {}
-    return dict(_VERSIONS_OF.rows(conn, {"users": sorted(set(user_ids))}))
+        return dict
+    fetch = _VERSIONS_OF.send(conn, {"users": sorted(set(user_ids))})
+    return lambda: dict(fetch())
