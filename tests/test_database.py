@@ -33,6 +33,7 @@ from synapse_xsign_module.storage.schema import host_users
 from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
+    closing_sent,
     commit_with_pipeline,
     commits_in_pipeline,
     insert_many,
@@ -607,7 +608,28 @@ class RawStatementTest(DatabaseTestCase):
             await self.db.run("sent", failing)
         self.assertEqual(await self.db.run_read("ids", user_ids), ["@a:x", "@b:x"])
 
-    async def test_execute_many_and_upsert(self) -> None:
+    async def test_unfetched_sent_reads_are_closed(self) -> None:
+        """A read sent in a closing_sent block whose rows were never fetched
+        (an error came first) has its cursor closed at the end of the block."""
+        t = host_users.c
+        every = RawStatement(select(t.user_id).order_by(t.user_id))
+        left: dict[str, Any] = {}
+
+        class Stop(Exception):
+            pass
+
+        def txn(conn: Connection) -> None:
+            insert_many(conn, host_users, new_users("@a:x", "@b:x"))
+            with closing_sent(conn):
+                with pipelined(conn):
+                    left["inside"] = every.send(conn, {})
+                raise Stop()
+
+        with self.assertRaises(Stop):
+            await self.db.run("sent", txn)
+        with self.assertRaises(DBAPIError):  # a closed cursor
+            left["inside"]()
+
         """execute_many binds each parameter set (only the INSERT's columns;
         the rest take their defaults); upsert replaces on conflict; a unique
         violation is SQLAlchemy's IntegrityError and rolls everything back;

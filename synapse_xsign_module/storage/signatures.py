@@ -28,6 +28,7 @@ from synapse_xsign_module.storage.schema import signatures
 from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
+    closing_sent,
     commit_with_pipeline,
     commits_in_pipeline,
     lock_users,
@@ -312,18 +313,21 @@ def load_context_txn(
     # the end of the pipeline, in one round trip; the server still runs them
     # in this order.
     users = [user_id, *other_users]
-    with pipelined(conn):
-        found = send_versions(conn, users)
-        cross = send_current(conn, users)
-        devices = send_signable_devices(conn, user_id, device_ids)
-        stored = _SIGNED_BY.send(conn, {"signer": user_id, "users": sorted(set(users))})
-    version_of = found()
-    return SignatureContext(
-        cross(),
-        devices(),
-        {(tu, tk, sk): sig for tu, tk, sk, sig in stored()},
-        {u: version_of.get(u) for u in users},
-    )
+    with closing_sent(conn):
+        with pipelined(conn):
+            found = send_versions(conn, users)
+            cross = send_current(conn, users)
+            devices = send_signable_devices(conn, user_id, device_ids)
+            stored = _SIGNED_BY.send(
+                conn, {"signer": user_id, "users": sorted(set(users))}
+            )
+        version_of = found()
+        return SignatureContext(
+            cross(),
+            devices(),
+            {(tu, tk, sk): sig for tu, tk, sk, sig in stored()},
+            {u: version_of.get(u) for u in users},
+        )
 
 
 class SignatureStore:

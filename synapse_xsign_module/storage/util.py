@@ -268,12 +268,20 @@ class RawStatement:
         :meth:`rows` called in turn waits for each answer before sending the
         next statement (fetching inside the block also waits, for the answers
         up to the one fetched). The server still runs them in the order sent.
-        Elsewhere the statement has run when this returns.
+        Elsewhere the statement starts when this returns, but SQLite makes
+        the rows as they are fetched: write nothing in between that the read
+        must not see.
+
+        The cursor is closed when its rows are fetched; inside
+        :func:`closing_sent`, also when they are not (an error in between).
         """
         entry = self._entry(conn)
         bound = self._bind(entry, params)
         driver_error = conn.dialect.loaded_dbapi.Error
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        sent = conn.info.get(_SENT)
+        if sent is not None:
+            sent.append(cursor)
         try:
             cursor.execute(entry.sql, bound)
         except BaseException as e:
@@ -380,6 +388,32 @@ class _Block:
         self.commit = False
 
 
+#: ``Connection.info`` key: the cursors :meth:`RawStatement.send` opened in
+#: the innermost :func:`closing_sent` block.
+_SENT = "xsign_sent_cursors"
+
+
+@contextlib.contextmanager
+def closing_sent(conn: Connection) -> Iterator[None]:
+    """Close, at the end of the block, every cursor that
+    :meth:`RawStatement.send` opened inside it and whose rows were not fetched
+    (an error came between): not left to the garbage collector, holding a
+    statement open on the connection (on SQLite, its read snapshot too).
+    """
+    # The dict itself: Connection.info raises once the connection is invalid.
+    info = conn.info
+    outer = info.get(_SENT)
+    mine: list[Any] = []
+    info[_SENT] = mine
+    try:
+        yield
+    finally:
+        info[_SENT] = outer
+        for cursor in mine:
+            with contextlib.suppress(Exception):
+                cursor.close()
+
+
 @contextlib.contextmanager
 def pipelined(conn: Connection) -> Iterator[None]:
     """On PostgreSQL, send the statements run inside without waiting for each
@@ -390,9 +424,11 @@ def pipelined(conn: Connection) -> Iterator[None]:
     deletes): a lock held across them is held for one round trip instead of
     one per statement. A read inside the block whose rows are fetched there
     sends what is queued and waits for the answers up to its own: a lock
-    statement and the reads behind it cost one round trip. Such reads must
-    be :meth:`RawStatement.rows`: SQLAlchemy's own result handling looks for
-    the rows before they have arrived, and finds none. An error of any
+    statement and the reads behind it cost one round trip. Reads sent with
+    :meth:`RawStatement.send` and fetched after the block are answered at its
+    end, with no round trip of their own. Such reads must be
+    :class:`RawStatement`'s: SQLAlchemy's own result handling looks for the
+    rows before they have arrived, and finds none. An error of any
     statement is raised at the end of the block at the latest, as
     SQLAlchemy's exception like every driver error here; the transaction
     then rolls back. Inside the block a statement's
