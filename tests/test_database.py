@@ -630,6 +630,7 @@ class RawStatementTest(DatabaseTestCase):
         with self.assertRaises(DBAPIError):  # a closed cursor
             left["inside"]()
 
+    async def test_execute_many_and_upsert(self) -> None:
         """execute_many binds each parameter set (only the INSERT's columns;
         the rest take their defaults); upsert replaces on conflict; a unique
         violation is SQLAlchemy's IntegrityError and rolls everything back;
