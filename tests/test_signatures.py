@@ -109,6 +109,20 @@ class SignatureTestBase(CrossSigningTestBase):
         self.patch(owner, name, recording)
         return calls
 
+    async def assert_reported_different(
+        self, user: TestUser, uploaded: dict[str, Any]
+    ) -> None:
+        """The user's device keys ``uploaded``, signed by the SSK over their own
+        bytes, are refused as not matching the stored keys; nothing stored."""
+        failures = await self.sign_upload(
+            user,
+            {user.user_id: {user.device_id: self.ssk_signed_device(user, uploaded)}},
+        )
+        failure = failures[user.user_id][user.device_id]
+        self.assertEqual(failure["errcode"], "M_INVALID_PARAM")
+        self.assertIn("does not match", failure["error"])
+        self.assertEqual(self.signature_rows(), 0)
+
     def signature_rows(self) -> int:
         """How many signatures are stored."""
         with self.db.engine.connect() as conn:
@@ -499,15 +513,9 @@ class LifecycleTest(SignatureTestBase):
         matching the stored keys, not as a bad signature."""
         alice = await self.ready_user("alice")
         stored = await self._device_with_number(alice)
-        uploaded = {**copy.deepcopy(stored), "level": True}
-        failures = await self.sign_upload(
-            alice,
-            {alice.user_id: {alice.device_id: self.ssk_signed_device(alice, uploaded)}},
+        await self.assert_reported_different(
+            alice, {**copy.deepcopy(stored), "level": True}
         )
-        failure = failures[alice.user_id][alice.device_id]
-        self.assertEqual(failure["errcode"], "M_INVALID_PARAM")
-        self.assertIn("does not match", failure["error"])
-        self.assertEqual(self.signature_rows(), 0)
 
     async def test_signature_is_checked_over_the_stored_bytes(self) -> None:
         """What is verified, and stored, is a signature over the stored key: one
@@ -644,7 +652,7 @@ class LargeRequestTest(SignatureTestBase):
         from synapse_xsign_module.storage.device_keys import (
             MANY_DEVICES,
             get_device_keys_txn,
-            get_signable_devices_txn,
+            send_signable_devices,
             upload_txn,
         )
 
@@ -663,7 +671,7 @@ class LargeRequestTest(SignatureTestBase):
             self.assertEqual(set(got), {alice.user_id})
             self.assertEqual(set(got[alice.user_id]), set(wanted) - {"NOSUCH"})
             with self.db.engine.begin() as conn:
-                signable = get_signable_devices_txn(conn, alice.user_id, wanted)
+                signable = send_signable_devices(conn, alice.user_id, wanted)()
             self.assertEqual(
                 {d: s.key_json for d, s in signable.items()}, got[alice.user_id]
             )
@@ -1015,16 +1023,8 @@ class SignedHashTest(SignatureTestBase):
         different from the signed bytes made for the hash (not made again)."""
         alice = await self.ready_user("alice")
         made = self.record_calls(handler_signatures, "signed_bytes")
-        changed = {**alice.device_keys(), "extra": 1}
-        failures = await self.sign_upload(
-            alice,
-            {alice.user_id: {alice.device_id: self.ssk_signed_device(alice, changed)}},
-        )
-        failure = failures[alice.user_id][alice.device_id]
-        self.assertEqual(failure["errcode"], "M_INVALID_PARAM")
-        self.assertIn("does not match", failure["error"])
+        await self.assert_reported_different(alice, {**alice.device_keys(), "extra": 1})
         self.assertEqual(len(made), 1)
-        self.assertEqual(self.signature_rows(), 0)
 
     async def test_row_without_hash_is_compared_as_parsed_json(self) -> None:
         """A row an older version wrote (no hash) is compared as before."""

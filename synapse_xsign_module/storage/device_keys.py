@@ -440,10 +440,12 @@ _SIGNABLE = RawStatement(
 )
 
 
-def get_signable_devices_txn(
+def send_signable_devices(
     conn: Connection, user_id: str, device_ids: list[str]
-) -> dict[str, SignableDevice]:
-    """A user's stored device keys with their :attr:`SignableDevice.signed_hash`.
+) -> Callable[[], dict[str, SignableDevice]]:
+    """A user's stored device keys with their :attr:`SignableDevice.signed_hash`,
+    read when the result is called (see
+    :meth:`~synapse_xsign_module.storage.util.RawStatement.send`).
 
     Args:
         conn: the connection.
@@ -451,16 +453,8 @@ def get_signable_devices_txn(
         device_ids: which; those without keys are left out of the result.
 
     Returns:
-        device id -> its keys.
+        What reads device id -> its keys.
     """
-    return send_signable_devices(conn, user_id, device_ids)()
-
-
-def send_signable_devices(
-    conn: Connection, user_id: str, device_ids: list[str]
-) -> Callable[[], dict[str, SignableDevice]]:
-    """:func:`get_signable_devices_txn` sent now and read when the result is
-    called (see :meth:`~synapse_xsign_module.storage.util.RawStatement.send`)."""
     if not device_ids:
         return dict
     if len(device_ids) > MANY_DEVICES:
