@@ -29,7 +29,7 @@ from twisted.trial import unittest
 
 from synapse_xsign_module.config import DatabaseConfig
 from synapse_xsign_module.storage.database import Database, is_retryable
-from synapse_xsign_module.storage.schema import host_users
+from synapse_xsign_module.storage.schema import host_users, signatures
 from synapse_xsign_module.storage.util import (
     RawStatement,
     any_of,
@@ -37,6 +37,7 @@ from synapse_xsign_module.storage.util import (
     commit_with_pipeline,
     commits_in_pipeline,
     insert_many,
+    pg_bulk_insert_statement,
     pipelined,
     upsert,
 )
@@ -764,6 +765,88 @@ class RawStatementTest(DatabaseTestCase):
             sorted(await self.db.run("bulk", txn)),
             sorted([("@old:x", 2**40, True), (odd, 5, True), ("@new:x", 4, False)]),
         )
+
+    async def test_columns_shared_by_every_row(self) -> None:
+        """Columns with one value in every row (bound once on PostgreSQL) are
+        stored in every row: text, a NULL, a boolean and a big integer, in an
+        insert and in an upsert; rows identical in every column still run
+        (and clash on their key)."""
+        odd = '$it\'s "q" \u00e9,{x}'
+        shared = {"password_hash": None, "is_admin": True, "created_ts": 2**40}
+
+        def txn(conn: Connection) -> list[Any]:
+            insert_many(
+                conn, host_users, [{"user_id": f"@s{i}:x", **shared} for i in range(3)]
+            )
+            upsert(
+                conn,
+                host_users,
+                [
+                    {"user_id": u, "password_hash": odd, "created_ts": 7}
+                    for u in ("@s1:x", "@s2:x", "@s3:x")
+                ],
+                ["user_id"],
+                ["password_hash", "created_ts"],
+            )
+            rows = conn.execute(
+                select(
+                    host_users.c.user_id,
+                    host_users.c.password_hash,
+                    host_users.c.is_admin,
+                    host_users.c.created_ts,
+                ).order_by(host_users.c.user_id)
+            )
+            return [tuple(r) for r in rows]
+
+        self.assertEqual(
+            await self.db.run("shared", txn),
+            [
+                ("@s0:x", None, True, 2**40),
+                ("@s1:x", odd, True, 7),
+                ("@s2:x", odd, True, 7),
+                ("@s3:x", odd, False, 7),
+            ],
+        )
+        twice = new_users("@twin:x") * 2
+        with self.assertRaises(IntegrityError):
+            await self.db.run("twice", lambda c: insert_many(c, host_users, twice))
+        self.assertNotIn("@twin:x", await self.db.run_read("ids", user_ids))
+
+    def test_shared_columns_bound_once(self) -> None:
+        """PostgreSQL's bulk insert binds a column that every row shares as one
+        value and the others as one array each, in the order the SQL reads
+        them; rows alike in every column still leave one array to unnest."""
+        rows = [
+            {
+                "target_user_id": "@a:x",
+                "target_key_id": f"DEV{i}",
+                "signer_user_id": "@a:x",
+                "signer_key_id": "ed25519:K",
+                "signature": f"sig{i}",
+                "ts_added_ms": 5,
+            }
+            for i in range(500)
+        ]
+        sql, params = pg_bulk_insert_statement(signatures, rows)
+        self.assertEqual(
+            params,
+            [
+                "@a:x",
+                "@a:x",
+                "ed25519:K",
+                5,
+                [f"DEV{i}" for i in range(500)],
+                [f"sig{i}" for i in range(500)],
+            ],
+        )
+        self.assertIn(
+            "SELECT %s::text, u.target_key_id, %s::text, %s::text, u.signature,"
+            " %s::bigint FROM unnest(%s::text[], %s::text[])",
+            sql,
+        )
+        sql, params = pg_bulk_insert_statement(signatures, rows[:1] * 2)
+        self.assertEqual(params[-1], ["@a:x", "@a:x"])
+        self.assertEqual(sql.count("[]"), 1)
 
 
 class PipelinedTest(DatabaseTestCase):

