@@ -812,6 +812,10 @@ class RawStatementTest(DatabaseTestCase):
             await self.db.run("twice", lambda c: insert_many(c, host_users, twice))
         self.assertNotIn("@twin:x", await self.db.run_read("ids", user_ids))
 
+
+class PgBulkInsertStatementTest(unittest.TestCase):
+    """The one statement that inserts many rows on PostgreSQL (no database)."""
+
     def test_shared_columns_bound_once(self) -> None:
         """PostgreSQL's bulk insert binds a column that every row shares as one
         value and the others as one array each, in the order the SQL reads
@@ -841,12 +845,36 @@ class RawStatementTest(DatabaseTestCase):
         )
         self.assertIn(
             "SELECT %s::text, u.target_key_id, %s::text, %s::text, u.signature,"
-            " %s::bigint FROM unnest(%s::text[], %s::text[])",
+            " %s::bigint FROM unnest(%s::text[], %s::text[])"
+            " AS u(target_key_id, signature)",
             sql,
         )
         sql, params = pg_bulk_insert_statement(signatures, rows[:1] * 2)
         self.assertEqual(params[-1], ["@a:x", "@a:x"])
         self.assertEqual(sql.count("[]"), 1)
+
+    def test_equal_values_of_other_types_are_not_shared(self) -> None:
+        """``1 == True``, but a boolean bound for a bigint column is an error:
+        values of two types stay an array."""
+        rows = [
+            {"user_id": "@a:x", "created_ts": 1},
+            {"user_id": "@b:x", "created_ts": True},
+        ]
+        _, params = pg_bulk_insert_statement(host_users, rows)
+        self.assertEqual(params, [["@a:x", "@b:x"], [1, True]])
+
+    def test_upsert_keeps_the_last_row_of_a_key(self) -> None:
+        """A key given twice keeps its last row; what is left may share
+        every column, one of which stays an array."""
+        rows = [
+            {"user_id": "@a:x", "created_ts": 1},
+            {"user_id": "@a:x", "created_ts": 2},
+        ]
+        sql, params = pg_bulk_insert_statement(
+            host_users, rows, ("user_id",), ("created_ts",)
+        )
+        self.assertEqual(params, [2, ["@a:x"]])
+        self.assertIn("ON CONFLICT (user_id) DO UPDATE SET created_ts", sql)
 
 
 class PipelinedTest(DatabaseTestCase):

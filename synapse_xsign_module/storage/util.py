@@ -115,18 +115,11 @@ def _pg_bulk_insert(
     key_columns: tuple[str, ...],
     update_columns: tuple[str, ...],
 ) -> None:
-    """Many rows in one PostgreSQL statement: each column bound as one array
-    and expanded by ``unnest`` (or as one value, if every row has the same;
-    see :func:`pg_bulk_insert_statement`). Run as one statement per row, 500 signatures
-    (or 50 one-time keys) cost PostgreSQL as many executions, each with its
-    own index updates and planning; this is one.
-
-    With ``key_columns`` it is an upsert, and a key given twice keeps its last
-    row (as one statement per row would): one ``ON CONFLICT DO UPDATE`` may not
-    touch a row twice.
+    """Many rows in one PostgreSQL statement (see
+    :func:`pg_bulk_insert_statement`). Run as one statement per row, 500
+    signatures (or 50 one-time keys) cost PostgreSQL as many executions,
+    each with its own index updates and planning; this is one.
     """
-    if key_columns:
-        rows = list({tuple(row[k] for k in key_columns): row for row in rows}.values())
     sql, params = pg_bulk_insert_statement(table, rows, key_columns, update_columns)
     with _driver_cursor(conn, sql, params) as cursor:
         cursor.execute(sql, params)
@@ -138,25 +131,46 @@ def pg_bulk_insert_statement(
     key_columns: tuple[str, ...] = (),
     update_columns: tuple[str, ...] = (),
 ) -> tuple[str, list[Any]]:
-    """The SQL and parameters that insert ``rows`` on PostgreSQL.
+    """The SQL and parameters that insert ``rows`` in one PostgreSQL statement.
 
-    A column with the same value in every row (the signer, the target user
-    and the time of 500 signatures by one key) is bound once, as a scalar;
-    the others as arrays. Every array element costs psycopg and PostgreSQL
-    work on its way in: in a quiet process, a 500-row signature upsert (its
-    COMMIT included) took 9.8 ms instead of 13.6, and 1.3 ms of the client's
-    CPU instead of 2.5, with its four shared columns bound once.
+    Each column is bound as one array, expanded by ``unnest``; a column
+    with the same value (of the same type) in every row, such as the signer,
+    the target user and the time of many signatures by one key, is bound
+    once instead. Every array element costs psycopg and PostgreSQL work on
+    its way in.
+
+    Args:
+        table: the table.
+        rows: at least one row, all with the same keys (in the same order).
+        key_columns: for an upsert, the columns of the unique key that
+            conflicts. A key given twice keeps its last row (as one statement
+            per row would): one ``ON CONFLICT DO UPDATE`` may not touch a row
+            twice.
+        update_columns: for an upsert, the columns replaced on a conflict.
+
+    Returns:
+        The SQL (psycopg's ``%s`` placeholders) and its parameters.
     """
+    if key_columns:
+        rows = list({tuple(row[k] for k in key_columns): row for row in rows}.values())
     columns = tuple(rows[0])
     first = rows[0]
-    shared = [c for c in columns if all(row[c] == first[c] for row in rows)]
+    shared = [c for c in columns if _same_in_every_row(rows, c, first[c])]
     if len(shared) == len(columns):
-        shared.pop(0)  # unnest needs an array (rows given twice, no key)
+        # One row (or rows alike, with no key): unnest needs an array.
+        shared.pop(0)
     shared_set = frozenset(shared)
     sql = _pg_bulk_insert_sql(table, columns, shared_set, key_columns, update_columns)
     params: list[Any] = [first[c] for c in columns if c in shared_set]
     params += [[row[c] for row in rows] for c in columns if c not in shared_set]
     return sql, params
+
+
+def _same_in_every_row(rows: list[dict[str, Any]], column: str, value: Any) -> bool:
+    """Whether every row has ``value`` in ``column``, of the same type
+    (``1 == True``, but ``true::bigint`` is an error)."""
+    kind = type(value)
+    return all(type(v) is kind and v == value for v in (r[column] for r in rows))
 
 
 def _pg_type(column_type: TypeEngine[Any]) -> str:
