@@ -110,6 +110,8 @@ class Target:
         self.shared: dict[str, Any] = {}
         #: The server's process when the bench started it (CPU accounting).
         self.server_pid: int | None = None
+        #: Its PostgreSQL database, when on this machine (CPU accounting).
+        self.database: str | None = None
 
     async def start(self) -> None:
         """Prepare the provider and make the observer (a user that reads keys)."""

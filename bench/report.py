@@ -86,6 +86,15 @@ def cell_record(
         # False: a server process ended while the cell was timed, and both
         # figures miss what it used then.
         "cpu_complete": stats.cpu_complete,
+        # The server's PostgreSQL backends, when the database is on this
+        # machine (not part of server_cpu_pct); False: a backend ended while
+        # the cell was timed, and the figure misses what it used then.
+        "database_cpu_pct": (
+            100 * stats.database_cpu_s / elapsed
+            if elapsed and stats.database_cpu_s is not None
+            else None
+        ),
+        "database_cpu_complete": stats.database_cpu_complete,
         "verified": False,
         "signatures_verified": 0,
         "verify_s": 0.0,
@@ -200,7 +209,8 @@ def table(cells: Sequence[JsonDict]) -> str:
 def cpu_split(cell: JsonDict, raw_one_core: float) -> JsonDict | None:
     """Where a W4 cell's server CPU went: the verification processes' CPU per
     signature (against the raw rate of one core) and the rest of the server's
-    per request.
+    per request; and, for a PostgreSQL database on this machine, its
+    backends' CPU per request.
 
     Only for a server the bench started whose verification processes did
     the checking (their CPU was measured apart), with no server process
@@ -216,7 +226,8 @@ def cpu_split(cell: JsonDict, raw_one_core: float) -> JsonDict | None:
 
     Returns:
         None when the split is not known, else ``{"verifier_us_per_signature",
-        "raw_us_per_signature", "rest_ms_per_request"}``.
+        "raw_us_per_signature", "rest_ms_per_request"}``, with
+        ``"database_ms_per_request"`` when the database's CPU was measured.
     """
     verifier, total = cell.get("verifier_cpu_pct"), cell.get("server_cpu_pct")
     if (
@@ -227,11 +238,15 @@ def cpu_split(cell: JsonDict, raw_one_core: float) -> JsonDict | None:
         or not raw_one_core
     ):
         return None
-    return {
+    split = {
         "verifier_us_per_signature": verifier / 100 / cell["items_per_s"] * 1e6,
         "raw_us_per_signature": 1e6 / raw_one_core,
         "rest_ms_per_request": (total - verifier) / 100 / cell["req_per_s"] * 1e3,
     }
+    database = cell.get("database_cpu_pct")
+    if database is not None:
+        split["database_ms_per_request"] = database / 100 / cell["req_per_s"] * 1e3
+    return split
 
 
 def signature_fractions(
@@ -279,6 +294,12 @@ def signature_fractions(
                 f"(raw, one core: {split['raw_us_per_signature']:.1f} us), "
                 f"the rest of the server {split['rest_ms_per_request']:.1f} ms "
                 "per request"
+                + (
+                    f", PostgreSQL's backends {split['database_ms_per_request']:.1f}"
+                    " ms per request"
+                    if "database_ms_per_request" in split
+                    else ""
+                )
             )
     return out
 

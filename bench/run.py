@@ -38,7 +38,7 @@ from bench.report import (
     write_json,
 )
 from bench.runner import run_cell
-from bench.server import EmbeddedServer, redact_url
+from bench.server import EmbeddedServer, local_pg_database, redact_url
 from bench.settings import ALL_WORKLOADS, FULL, QUICK, Settings
 from bench.workloads import WORKLOADS, Workload, sizes_of
 
@@ -438,6 +438,7 @@ class Run:
             target = Target(spec.name, client, provider, s.setup_concurrency)
             if server is not None and server.process is not None:
                 target.server_pid = server.process.pid
+                target.database = local_pg_database(server.db_url)
             await target.start()
             info["server_name"] = target.watcher().user_id.split(":", 1)[1]
         except BaseException:
@@ -501,7 +502,13 @@ class Run:
             # `--workers` server: over many connections the share evens out.
             await target.client.open_connections(max(MIN_CONNECTIONS, 4 * c))
             stats = await run_cell(
-                target.client, workload, c, s.duration, s.requests, target.server_pid
+                target.client,
+                workload,
+                c,
+                s.duration,
+                s.requests,
+                target.server_pid,
+                target.database,
             )
         except Exception as e:  # the cell is marked failed
             traceback.print_exc()
@@ -544,6 +551,12 @@ class Run:
             + (
                 "(a server process ended: incomplete) "
                 if not record["cpu_complete"]
+                else ""
+            )
+            + (
+                f"database {record['database_cpu_pct']:.0f}% "
+                + ("" if record["database_cpu_complete"] else "(incomplete) ")
+                if record["database_cpu_pct"] is not None
                 else ""
             )
             + f"bench {record['bench_cpu_pct']:.0f}%; "

@@ -99,6 +99,11 @@ class CellStats:
     #: False when a server process ended during a timed segment: the CPU
     #: figures then miss what it used in that segment.
     cpu_complete: bool = True
+    #: CPU of the PostgreSQL backends serving the server's database, when
+    #: that database is on this machine (see :func:`database_snapshot`).
+    database_cpu_s: float | None = None
+    #: False when a backend of it ended during a timed segment.
+    database_cpu_complete: bool = True
     segments: int = 0
     prepare_s: float = 0.0
     latencies: list[float] = attr.Factory(list)
@@ -277,6 +282,62 @@ def tree_snapshot(pid: int, known: TreeSnapshot | None = None) -> TreeSnapshot |
     return snapshot
 
 
+#: How a PostgreSQL server process's title starts (``update_process_title``).
+PG_TITLE = b"postgres: "
+
+
+def _backend_database(title: bytes) -> bytes | None:
+    """The database a client's PostgreSQL backend serves, from its process
+    title (``postgres: [cluster: ]user database host(port) activity``, the
+    host ``[local]`` for a socket); None for every other process of the
+    server (walsender, autovacuum and parallel workers, checkpointer, ...)."""
+    words = title[len(PG_TITLE) :].split(b"\0", 1)[0].split()
+    if words and words[0].endswith(b":"):  # the cluster's name
+        words = words[1:]
+    if len(words) < 4 or words[0] == b"walsender":
+        return None
+    host = words[2]
+    if host != b"[local]" and not (host.endswith(b")") and b"(" in host):
+        return None
+    return words[1]
+
+
+def database_snapshot(database: str) -> TreeSnapshot | None:
+    """The CPU time of each client backend of PostgreSQL on this machine
+    connected to ``database`` (Linux ``/proc``; their process titles name
+    it). The server's other processes (WAL writer, checkpointer,
+    autovacuum) are not counted.
+
+    Args:
+        database: the database's name.
+
+    Returns:
+        The snapshot (empty when no backend shows it: PostgreSQL is not on
+        this machine, or ``update_process_title`` is off), or None when
+        ``/proc`` cannot tell.
+    """
+    wanted = database.encode()
+    snapshot: TreeSnapshot = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read()
+        except OSError:
+            continue
+        if not title.startswith(PG_TITLE) or _backend_database(title) != wanted:
+            continue
+        stat = _stat(int(entry))
+        if stat is not None:
+            snapshot[(int(entry), stat[2])] = ProcessCpu(stat[0], False)
+    return snapshot
+
+
 def cpu_between(before: TreeSnapshot, after: TreeSnapshot) -> TreeCpu:
     """What a tree used between two snapshots of it.
 
@@ -317,6 +378,20 @@ def _no_cyclic_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _add_database_cpu(
+    stats: CellStats, before: TreeSnapshot, after: TreeSnapshot | None
+) -> None:
+    """Count what a database's backends used in a segment. A backend that
+    came in between counts from its start; one that ended takes what it used
+    with it, and marks the figure incomplete. With no backend seen either
+    time, the figure stays unknown."""
+    if after is None or not (before or after):
+        return
+    used = cpu_between(before, after)
+    stats.database_cpu_s = (stats.database_cpu_s or 0.0) + used.total
+    stats.database_cpu_complete = stats.database_cpu_complete and used.complete
+
+
 async def run_cell(
     client: JsonClient,
     feed: Feed,
@@ -324,6 +399,7 @@ async def run_cell(
     duration: float,
     requests: int | None,
     server_pid: int | None = None,
+    database: str | None = None,
 ) -> CellStats:
     """Run one cell; only the time spent sending is counted.
 
@@ -334,6 +410,8 @@ async def run_cell(
         duration: seconds of sending (ignored when ``requests`` is set).
         requests: exact number of requests, or None for a timed cell.
         server_pid: the server's process, to account its CPU time.
+        database: the name of the server's PostgreSQL database when it is on
+            this machine, to account its backends' CPU time.
     """
     stats = CellStats()
     while True:
@@ -356,6 +434,7 @@ async def run_cell(
         else:
             deadline = time.perf_counter() + max(0.0, duration - stats.elapsed)
         with _no_cyclic_gc():
+            database_cpu = database_snapshot(database) if database else None
             cpu = time.process_time()
             server_cpu = tree_snapshot(server_pid) if server_pid else None
             stats.elapsed += await _segment(
@@ -369,6 +448,8 @@ async def run_cell(
                 stats.server_cpu_s = (stats.server_cpu_s or 0.0) + used.total
                 stats.verifier_cpu_s = (stats.verifier_cpu_s or 0.0) + used.spawned
                 stats.cpu_complete = stats.cpu_complete and used.complete
+        if database_cpu is not None and database is not None:
+            _add_database_cpu(stats, database_cpu, database_snapshot(database))
         stats.segments += 1
         if requests is not None:
             if stats.sent >= requests or not feed.consumable:

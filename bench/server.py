@@ -11,8 +11,11 @@ import sys
 import tempfile
 import time
 from typing import Any, ClassVar
+from urllib.parse import unquote
 
 import yaml
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from twisted.internet import threads
 
@@ -48,6 +51,39 @@ def redact_url(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+#: Hosts whose PostgreSQL runs on this machine (no host: its socket).
+LOCAL_HOSTS = frozenset({None, "", "localhost", "127.0.0.1", "::1"})
+
+
+def local_pg_database(url: str) -> str | None:
+    """The database of a PostgreSQL URL, if that database is on this machine.
+
+    The port is not looked at: with two clusters on this machine, a
+    database of the same name in the other one is counted too.
+
+    Args:
+        url: a SQLAlchemy database URL.
+
+    Returns:
+        The database's name (the user's, when the URL names none), or None
+        for another database engine or another machine.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "postgresql":
+        return None
+    host = parsed.query.get("host", parsed.host)
+    if isinstance(host, tuple):  # given more than once
+        return None
+    if host is not None:
+        host = unquote(host)
+    if host not in LOCAL_HOSTS and not (host or "").startswith("/"):  # a socket
+        return None
+    return parsed.database or parsed.username
 
 
 class EmbeddedServer:

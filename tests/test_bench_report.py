@@ -18,7 +18,18 @@ from twisted.trial import unittest
 
 from bench.report import cpu_split, median_cells, merge, signature_fractions, table
 from bench.run import build_parser, settings_from
-from bench.runner import ProcessCpu, TreeSnapshot, cpu_between, tree_snapshot
+from bench.runner import (
+    CellStats,
+    ProcessCpu,
+    TreeSnapshot,
+    _add_database_cpu,
+    _backend_database,
+    cpu_between,
+    database_snapshot,
+    tree_snapshot,
+)
+from bench.server import local_pg_database
+from tests.utils import postgres_url
 
 #: CPU seconds each child burns.
 BURN = 0.3
@@ -180,6 +191,95 @@ class CpuBetweenTest(unittest.TestCase):
         self.assertEqual((used.total, used.spawned, used.complete), (1.0, 1.0, True))
 
 
+class DatabaseCpuTest(unittest.TestCase):
+    """The CPU of the PostgreSQL backends serving a database on this machine."""
+
+    def test_backend_titles(self) -> None:
+        """The database is the second word after the cluster's name; the
+        server's own processes serve none."""
+        for title, database in [
+            (b"postgres: 15/main: alice xsign 127.0.0.1(4100) idle\0\0", b"xsign"),
+            (b"postgres: alice xsign [local] idle in transaction", b"xsign"),
+            (b"postgres: 15/main: xsign alice 127.0.0.1(4100) SELECT", b"alice"),
+            (b"postgres: 15/main: checkpointer ", None),
+            (b"postgres: 15/main: autovacuum launcher", None),
+            (b"postgres: 15/main: autovacuum worker xsign", None),
+            (b"postgres: logical replication launcher", None),
+            (b"postgres: 15/main: parallel worker for PID 4100", None),
+            (b"postgres: 15/main: walsender xsign xsign 10.0.0.2(4100) idle", None),
+            (b"postgres: 15/main: archiver last was 00000001000000000000001", None),
+        ]:
+            self.assertEqual(_backend_database(title), database, title)
+
+    def test_local_databases(self) -> None:
+        """Only a PostgreSQL URL on this machine names a database to watch."""
+        pg = "postgresql+psycopg://u:p@{}:5432/xsign"
+        self.assertEqual(local_pg_database(pg.format("127.0.0.1")), "xsign")
+        self.assertEqual(local_pg_database(pg.format("localhost")), "xsign")
+        self.assertEqual(local_pg_database("postgresql:///xsign"), "xsign")
+        self.assertEqual(local_pg_database("postgresql://bob@localhost"), "bob")
+        for socket in (
+            "postgresql://bob@%2Fvar%2Frun%2Fpostgresql/xsign",
+            "postgresql:///xsign?host=/var/run/postgresql",
+        ):
+            self.assertEqual(local_pg_database(socket), "xsign", socket)
+        self.assertIsNone(local_pg_database(pg.format("db.example.org")))
+        self.assertIsNone(
+            local_pg_database("postgresql://bob@localhost/xsign?host=db.example.org")
+        )
+        self.assertIsNone(local_pg_database("sqlite:////tmp/x.db"))
+        self.assertIsNone(local_pg_database("not a url"))
+
+    def test_segments_add_up(self) -> None:
+        """Each segment adds what its backends used (a new one from its
+        start); a backend gone by the end marks the figure incomplete; with
+        no backend seen at all the figure stays unknown."""
+        stats = CellStats()
+        _add_database_cpu(stats, {}, {})
+        _add_database_cpu(stats, {}, None)
+        self.assertIsNone(stats.database_cpu_s)
+        one, two = (1, 10), (2, 20)
+        _add_database_cpu(
+            stats,
+            {one: ProcessCpu(1.0, False)},
+            {one: ProcessCpu(1.5, False), two: ProcessCpu(0.25, False)},
+        )
+        self.assertEqual(
+            (stats.database_cpu_s, stats.database_cpu_complete), (0.75, True)
+        )
+        _add_database_cpu(
+            stats,
+            {one: ProcessCpu(1.5, False), two: ProcessCpu(0.25, False)},
+            {two: ProcessCpu(0.5, False)},
+        )
+        self.assertEqual(
+            (stats.database_cpu_s, stats.database_cpu_complete), (1.0, False)
+        )
+
+    def test_snapshot_finds_a_backend_and_its_cpu(self) -> None:
+        """A connection's backend is in its database's snapshot (not in
+        another's), and the CPU its queries burn shows between two."""
+        url = postgres_url()
+        database = local_pg_database(url) if url else None
+        if database is None or not os.path.exists("/proc/self/stat"):
+            raise unittest.SkipTest("needs PostgreSQL on this machine and /proc")
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            before = database_snapshot(database)
+            assert before is not None
+            self.assertIn(row[0], {pid for pid, _ in before})
+            self.assertEqual(database_snapshot(database + "_not_there"), {})
+            conn.execute("SELECT count(*) FROM generate_series(1, 3000000)")
+            after = database_snapshot(database)
+            assert after is not None
+        self.assertGreater(cpu_between(before, after).total, 0.05)
+
+
 def _w4_cell(**changes: Any) -> dict[str, Any]:
     cell = {
         "target": "t",
@@ -212,6 +312,10 @@ class CpuSplitTest(unittest.TestCase):
         self.assertAlmostEqual(split["verifier_us_per_signature"], 45.2)
         self.assertAlmostEqual(split["raw_us_per_signature"], 50.0)
         self.assertAlmostEqual(split["rest_ms_per_request"], 11.4)
+        self.assertNotIn("database_ms_per_request", split)
+        split = cpu_split(_w4_cell(database_cpu_pct=40.0), 20000.0)
+        assert split is not None
+        self.assertAlmostEqual(split["database_ms_per_request"], 8.0)
 
     def test_no_split_without_the_processes_time(self) -> None:
         """Checked in threads (0%), a server the bench did not start, a server
@@ -227,9 +331,13 @@ class CpuSplitTest(unittest.TestCase):
 
     def test_fraction_lines(self) -> None:
         """One line per W4 cell, and the CPU split under it when known."""
-        cells = [_w4_cell(), _w4_cell(target="old", verifier_cpu_pct=None)]
+        cells = [
+            _w4_cell(database_cpu_pct=40.0),
+            _w4_cell(target="old", verifier_cpu_pct=None),
+        ]
         lines = signature_fractions(cells, CRYPTO)
         self.assertEqual(len(lines), 3)
+        self.assertIn("PostgreSQL's backends 8.0 ms per request", lines[1])
         self.assertIn("62.5% of the raw ed25519 rate on 2 cores", lines[0])
         self.assertIn("45.2 us per signature", lines[1])
         self.assertIn("raw, one core: 50.0 us", lines[1])

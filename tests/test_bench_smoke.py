@@ -24,7 +24,9 @@ from bench.keys import (
     make_device_keys,
     new_signing_key,
 )
+from bench.server import local_pg_database
 from bench.verify import Expect, Verifier
+from tests.utils import POSTGRES_ENV, postgres_url
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {"W1", "W2", "W3", "W4", "W5", "W6", "W7"}
@@ -114,6 +116,20 @@ class BenchSmokeTest(unittest.TestCase):
                 self.assertEqual(cell["setup_s"], 0, cell["target"])
         self.assertTrue(data["settings"]["interleave"])
         self.assertEqual([t["name"] for t in data["targets"]], ["one", "two"])
+
+    def test_database_cpu_on_local_postgres(self) -> None:
+        """On a PostgreSQL database of this machine, each cell also gives its
+        backends' CPU, in the JSON and on its progress line."""
+        url = postgres_url()
+        if url is None or local_pg_database(url) is None:
+            raise unittest.SkipTest(f"needs {POSTGRES_ENV} on this machine")
+        data, _, log = self.run_bench(
+            "--no-crypto", "--workloads", "W4", "--db-url", url
+        )
+        (cell,) = data["cells"]
+        self.assertTrue(cell["verified"], cell["verify_problems"])
+        self.assertGreater(cell["database_cpu_pct"], 0, log)
+        self.assertRegex(log, r" database \d+% bench")
 
     def test_w4_segments_hold_a_request_per_user(self) -> None:
         """With --w4-users 3 a W4 segment sends one request for each of the
