@@ -10,17 +10,21 @@ from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from sqlalchemy import event, func, select
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
 
 from synapse_xsign_module.handlers import signatures as handler_signatures
 from synapse_xsign_module.storage import signatures as storage_signatures
 from synapse_xsign_module.storage.schema import device_keys, signatures
+from synapse_xsign_module.storage.util import lock_device, lock_users
 from tests.test_cross_signing import CrossSigningTestBase
 from tests.utils import (
     TestUser,
     expected_signed_hash,
+    hold_in_other_transaction,
     make_device_keys,
     public_key,
+    result_once_released,
 )
 
 SIG_UPLOAD = "/_matrix/client/v3/keys/signatures/upload"
@@ -939,6 +943,93 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
                 "get_current_txn": 0,
                 "send_current": 1,
             },
+        )
+
+
+class StoreLockTest(SignatureTestBase):
+    """On PostgreSQL a store holds the lock of a user whose cross-signing key
+    it relies on in shared mode (other stores over that key go on, a change
+    of the user's keys waits), and of a user whose device it relies on
+    exclusively."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not self.db_url.startswith("postgresql"):
+            raise unittest.SkipTest("SQLite writers are serial anyway")
+
+    def holding(self, lock: Any) -> Any:
+        return hold_in_other_transaction(self, self.db.engine, lock)
+
+    async def test_stores_over_one_master_key_go_on_together(self) -> None:
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        # Another user's store over bob's master key, still open.
+        tx = self.holding(lambda c: lock_users(c, [], shared=[bob.user_id]))
+        stored = defer.ensureDeferred(self.usk_sign_master(alice, bob))
+        await stored.addTimeout(20, reactor)
+        self.assertEqual(self.signature_rows(), 1)
+        # A change of bob's keys waits for it.
+        change = self.db.run("change", lambda c: lock_users(c, [bob.user_id]))
+        await result_once_released(self, self.db.engine, change, tx)
+
+    async def test_a_user_named_in_both_modes_is_locked_exclusively(self) -> None:
+        tx = self.holding(lambda c: lock_users(c, ["@a:x"], shared=["@a:x", "@b:x"]))
+        # @b:x is shared: another reader goes on.
+        reader_b = self.db.run("b", lambda c: lock_users(c, [], shared=["@b:x"]))
+        await reader_b.addTimeout(20, reactor)
+        reader = self.db.run("a", lambda c: lock_users(c, [], shared=["@a:x"]))
+        await result_once_released(self, self.db.engine, reader, tx)
+
+    async def test_store_waits_for_a_key_change_of_the_signed_user(self) -> None:
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        tx = self.holding(lambda c: lock_users(c, [bob.user_id]))
+        stored = defer.ensureDeferred(self.usk_sign_master(alice, bob))
+        await result_once_released(self, self.db.engine, stored, tx)
+        self.assertEqual(self.signature_rows(), 1)
+
+    async def test_store_waits_for_another_of_the_signers_stores(self) -> None:
+        """The signer's lock is exclusive: two uploads by one user, which may
+        write the same rows, run one after the other."""
+        alice = await self.ready_user("alice")
+        bob = await self.ready_user("bob")
+        tx = self.holding(lambda c: lock_users(c, [], shared=[alice.user_id]))
+        stored = defer.ensureDeferred(self.usk_sign_master(alice, bob))
+        await result_once_released(self, self.db.engine, stored, tx)
+        self.assertEqual(self.signature_rows(), 1)
+
+    async def test_store_over_a_device_waits_for_its_upload(self) -> None:
+        """An upload of a device holds its user's lock only shared: a
+        signature over that device waits for it."""
+        alice = await self.ready_user("alice")
+        tx = self.holding(lambda c: lock_device(c, alice.user_id, alice.device_id))
+        body = {alice.user_id: {alice.device_id: self.ssk_signed_device(alice)}}
+        stored = defer.ensureDeferred(self.sign_upload(alice, body))
+        self.assertEqual(
+            await result_once_released(self, self.db.engine, stored, tx), {}
+        )
+        self.assertEqual(self.signature_rows(), 1)
+
+    def test_exclusive_users(self) -> None:
+        """Signers, and users with a device among the keys, are locked
+        exclusively; a user whose master key another user signs is not."""
+        from synapse_xsign_module.storage.signatures import (
+            Basis,
+            PendingSignature,
+            _exclusive_users,
+        )
+
+        def sig(signer: Basis, target: Basis) -> PendingSignature:
+            return PendingSignature(
+                signer.user_id, "k", target.user_id, "t", "s", signer, target
+            )
+
+        usk = Basis("@a:x", "user_signing", "U", "{}")
+        master = Basis("@b:x", "master", "M", "{}")
+        device = Basis("@c:x", "device", "D", "{}")
+        self.assertEqual(_exclusive_users([sig(usk, master)]), {"@a:x"})
+        self.assertEqual(
+            _exclusive_users([sig(usk, master), sig(usk, device)]), {"@a:x", "@c:x"}
         )
 
 

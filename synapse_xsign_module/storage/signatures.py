@@ -131,6 +131,23 @@ def _basis_holds(
     return key is not None and getattr(key, "key_json", None) == basis.key_json
 
 
+def _exclusive_users(pending: list[PendingSignature]) -> set[str]:
+    """The users whose lock a store takes exclusively: the signers (two
+    uploads by one user may write the same rows, and would deadlock on them
+    in different orders), the users whose key version it raises (signatures
+    of their own keys), and any user with a device among its keys (an upload
+    of that device, under the user's lock shared, could change it). The
+    others, users whose master key another user signs, change their
+    cross-signing keys only under their lock held exclusively: a shared lock
+    keeps those keys, and lets several users' signatures over one master key
+    be stored at once."""
+    users = {p.signer_user_id for p in pending}
+    users.update(
+        b.user_id for p in pending for b in (p.signer, p.target) if b.kind == "device"
+    )
+    return users
+
+
 @commits_in_pipeline
 def store_signatures_txn(
     conn: Connection,
@@ -160,7 +177,7 @@ def store_signatures_txn(
     # On PostgreSQL, one pipeline: after BEGIN, the locks and the version read
     # reach the server in one round trip, the writes in another.
     with pipelined(conn):
-        lock_users(conn, users)
+        lock_users(conn, _exclusive_users(pending), shared=users)
         if _versions_unchanged(conn, users, versions):
             _write_signatures(conn, pending, set(), now_ms)
             commit_with_pipeline(conn)  # nothing follows: the locks go now

@@ -545,12 +545,20 @@ def commit_with_pipeline(conn: Connection) -> None:
     block.commit = True
 
 
-def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
+def lock_users(
+    conn: Connection, user_ids: Iterable[str], shared: Iterable[str] = ()
+) -> None:
     """Serialize key changes per user for the rest of the transaction.
 
     On PostgreSQL this takes transaction-scoped advisory locks, in a fixed
     order so that two transactions never deadlock on them. SQLite write
     transactions (``BEGIN IMMEDIATE``) are already serialized.
+
+    A user's lock is taken exclusively, or in shared mode for the users in
+    ``shared`` (and not in ``user_ids``): a transaction that only relies on
+    such a user's keys staying as they are, and changes nothing that a
+    shared holder could also change, lets other such transactions run
+    beside it, while every exclusive holder (a key change) waits for it.
 
     Called inside :func:`pipelined` together with the reads that follow it,
     the lock and those reads reach PostgreSQL in one round trip (after the
@@ -561,11 +569,20 @@ def lock_users(conn: Connection, user_ids: Iterable[str]) -> None:
     Args:
         conn: the connection of the current transaction.
         user_ids: users whose keys the transaction reads and then changes.
+        shared: users whose keys it only reads, and must hold until the end.
     """
-    users = sorted(set(user_ids))
-    if not users or conn.dialect.name != "postgresql":
+    if conn.dialect.name != "postgresql":
         return
-    _LOCK_USERS.execute(conn, {"users": users})
+    exclusive = set(user_ids)
+    readers = set(shared) - exclusive
+    if not readers:
+        if exclusive:
+            _LOCK_USERS.execute(conn, {"users": sorted(exclusive)})
+        return
+    users = sorted(exclusive | readers)
+    _LOCK_USERS_MIXED.execute(
+        conn, {"users": users, "shared": [u in readers for u in users]}
+    )
 
 
 def lock_device(conn: Connection, user_id: str, device_id: str) -> None:
@@ -576,8 +593,10 @@ def lock_device(conn: Connection, user_id: str, device_id: str) -> None:
     an exclusive lock on the device, in one statement. Uploads for different
     devices of one user (a client's several sessions signing in at once) no
     longer wait for each other; an upload and a change that takes the user's
-    lock exclusively (cross-signing keys, signatures, the admin API) still
-    exclude each other. The shared lock comes first, always: a device lock
+    lock exclusively (cross-signing keys, its own signatures, the admin API) still
+    exclude each other. (A signature store over the user's master key by
+    another user holds the user's lock shared too, and goes on beside the
+    upload.) The shared lock comes first, always: a device lock
     held while waiting behind a queued exclusive request could deadlock. On
     SQLite, writers are serial anyway. Like :func:`lock_users`, it may be
     pipelined with the reads that follow it.
@@ -669,4 +688,18 @@ _LOCK_USERS = RawStatement(
         f" SELECT hashtextextended(u, {_USER_LOCK_SEED}) AS k FROM unnest(:users) AS u"
         " ORDER BY 1) AS s"
     ).bindparams(bindparam("users", type_=StringList()))
+)
+
+# Each user's lock in its own mode, in the same order as _LOCK_USERS. Two
+# users whose keys collide share one lock, exclusive if either needs it.
+_LOCK_USERS_MIXED = RawStatement(
+    text(
+        "SELECT CASE WHEN s THEN pg_advisory_xact_lock_shared(k)"
+        " ELSE pg_advisory_xact_lock(k) END FROM ("
+        f" SELECT hashtextextended(u, {_USER_LOCK_SEED}) AS k, bool_and(s) AS s"
+        " FROM unnest(:users, :shared) AS t(u, s) GROUP BY 1 ORDER BY 1) AS x"
+    ).bindparams(
+        bindparam("users", type_=StringList()),
+        bindparam("shared", type_=postgresql.ARRAY(Boolean)),
+    )
 )
