@@ -947,10 +947,10 @@ class KeyChangedDuringUploadTest(SignatureTestBase):
 
 
 class StoreLockTest(SignatureTestBase):
-    """On PostgreSQL a store holds the lock of a user whose cross-signing key
-    it relies on in shared mode (other stores over that key go on, a change
-    of the user's keys waits), and of a user whose device it relies on
-    exclusively."""
+    """On PostgreSQL a store holds the lock of a user whose master key it
+    signs in shared mode (other users' stores over that key go on, a change
+    of the user's keys waits), and the locks of the signer and of a user
+    whose device it relies on exclusively."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -1009,6 +1009,10 @@ class StoreLockTest(SignatureTestBase):
             await result_once_released(self, self.db.engine, stored, tx), {}
         )
         self.assertEqual(self.signature_rows(), 1)
+
+
+class ExclusiveUsersTest(unittest.TestCase):
+    """Which users a signature store locks exclusively (no database)."""
 
     def test_exclusive_users(self) -> None:
         """Signers, and users with a device among the keys, are locked
